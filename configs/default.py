@@ -1,0 +1,108 @@
+"""Default config: a small CNN on the embedded shapes dataset, SGD momentum, linear LR rule.
+
+Runs offline in about two minutes on a 2-core CPU:
+
+  python -m trainer.main --config=configs/default.py --workdir=/tmp/tfscale
+
+Every field the trainer reads is defined here, once, with a comment; variants import this file
+and change a few fields. The config is locked: a mistyped override fails instead of being ignored.
+Durations: the `*_steps` field is the default unit; when the matching `*_epochs` or `*_examples`
+field is set it takes precedence, and is converted to steps once with the real global batch.
+"""
+
+import ml_collections
+from ml_collections import config_dict
+
+
+def get_config() -> ml_collections.ConfigDict:
+    """Returns the default config."""
+    config = ml_collections.ConfigDict()
+
+    config.seed = 0  # Seeds weights, data order and dropout.
+    # Op determinism + seeding for bitwise-reproducible runs; None = on when no GPU/TPU is used.
+    config.deterministic = config_dict.placeholder(bool)
+
+    # Examples per optimizer step, all replicas and workers together.
+    config.global_batch_size = 128
+    config.total_steps = 600  # Optimizer steps in the whole run...
+    config.total_epochs = config_dict.placeholder(float)  # ...or passes over the train split...
+    config.total_examples = config_dict.placeholder(int)  # ...or examples seen.
+
+    config.steps_per_loop = 50  # Steps inside one tf.function call (no host sync within).
+    config.log_every_steps = 50  # Metrics to metrics.jsonl / TensorBoard / console.
+    config.eval_every_steps = 200  # Full pass over the eval split; also at the end.
+    config.checkpoint_every_steps = 200  # Also at the end and on preemption.
+    config.max_checkpoints_to_keep = 3
+
+    config.distribution = ml_collections.ConfigDict()
+    # auto | default | one_device | mirrored | multi_worker | tpu. auto = mirrored over all local
+    # GPUs if any (or over cpu_replicas logical CPUs when > 1), else the default strategy.
+    config.distribution.strategy = "auto"
+    # Split the host CPU into N logical devices (N > 1) so mirrored runs N replicas without GPUs:
+    # the stand-in strategy the tests use. 0 = leave the CPU as one device.
+    config.distribution.cpu_replicas = 0
+    config.distribution.tpu = ""  # TPU name or grpc address; "" = the TPU VM this runs on.
+
+    config.dataset = ml_collections.ConfigDict()
+    # A TFDS name. tfscale_shapes is embedded (generated locally, no network); others (mnist,
+    # cifar10, ...) must already be prepared in data_dir.
+    config.dataset.name = "tfscale_shapes"
+    config.dataset.data_dir = config_dict.placeholder(str)  # None = TFDS's default (~/tensorflow_datasets).
+    config.dataset.train_split = "train"
+    config.dataset.eval_split = "test"
+
+    config.model = ml_collections.ConfigDict()
+    config.model.name = "small_cnn"  # mlp | small_cnn | resnet_cifar | resnet50
+    config.model.width = 32  # Channels of the first conv stage (units of each MLP layer).
+    config.model.dropout_rate = 0.0  # Before the classifier; its RNG state is checkpointed.
+
+    config.optimizer = ml_collections.ConfigDict()
+    config.optimizer.name = "sgd"  # sgd | adam | adamw
+    config.optimizer.momentum = 0.9  # sgd only.
+    config.optimizer.nesterov = False  # sgd only.
+    config.optimizer.beta_1 = 0.9  # adam/adamw only.
+    config.optimizer.beta_2 = 0.999  # adam/adamw only.
+    config.optimizer.weight_decay = 0.0  # Decoupled (adamw) or Keras weight decay (sgd/adam).
+    # Clip the all-reduced gradient to this global norm; 0 = no clipping.
+    config.optimizer.grad_clip_norm = 0.0
+
+    config.lr = ml_collections.ConfigDict()
+    config.lr.base = 0.2  # The LR at reference_batch_size; the peak LR is scaled from it.
+    config.lr.reference_batch_size = 256
+    config.lr.scaling = "linear"  # linear (SGD, Goyal et al.) | sqrt (Adam-type) | none
+    config.lr.warmup = "linear"  # linear | exponential
+    config.lr.warmup_steps = 50
+    config.lr.warmup_epochs = config_dict.placeholder(float)  # Overrides warmup_steps when set.
+    config.lr.warmup_start_fraction = 0.0  # First warmup LR as a fraction of the peak.
+    # constant | cosine | linear | polynomial | piecewise | rsqrt | exponential
+    config.lr.decay = "cosine"
+    config.lr.end_fraction = 0.0  # Floor of cosine/linear/polynomial/exponential, x peak.
+    config.lr.power = 1.0  # polynomial only.
+    config.lr.boundaries = ()  # piecewise only: where multipliers start, in boundaries_unit.
+    config.lr.boundaries_unit = "steps"  # steps | epochs | examples
+    config.lr.multipliers = ()  # piecewise only: LR = peak x multiplier after each boundary.
+    config.lr.decay_rate = 0.5  # exponential only: LR x decay_rate every decay_steps.
+    config.lr.decay_steps = 100  # exponential only.
+
+    # Changes on top of the schedule, made between inner loops, checkpointed (lr_control.py).
+    config.lr.milestones = ()  # When to act, in milestones_unit; e.g. (30, 60, 80).
+    config.lr.milestones_unit = "epochs"  # steps | epochs | examples
+    config.lr.milestone_action = "multiply"  # multiply: LR x value | set: LR = value, then decays
+    config.lr.milestone_values = ()  # One value per milestone.
+    config.lr.plateau_metric = ""  # An eval metric (e.g. eval_loss); "" = no reduce-on-plateau.
+    config.lr.plateau_mode = "min"  # min | max: which direction is better.
+    config.lr.plateau_factor = 0.5  # LR x factor when the metric stops improving.
+    config.lr.plateau_patience = 2  # Evals without improvement before reducing.
+    config.lr.plateau_cooldown = 0  # Evals to wait after a reduction.
+    config.lr.plateau_min_delta = 0.0  # Smaller changes do not count as improvement.
+    config.lr.plateau_min_lr = 0.0  # Never reduce below this LR.
+
+    # What to do when the training loss is NaN or Inf: fail (stop, keep the checkpoints) or
+    # recover (restore the last good checkpoint, scale the LR by nan_lr_factor, retry).
+    config.nan_policy = "fail"
+    config.nan_lr_factor = 0.5
+    config.nan_max_recoveries = 3
+    # Test hook: make the loss NaN at this step (once per process). -1 = never.
+    config.inject_nan_at_step = -1
+
+    return config

@@ -1,0 +1,182 @@
+"""The compiled inner loop: the applied LR is the logged LR, the loss is global, nothing retraces."""
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+import testutil
+
+from configs import default as default_config
+from trainer import data, loop, lr_control, schedules
+
+NUM_CLASSES = 3
+GLOBAL_BATCH = 8
+FEATURES = 5
+
+
+def _split(num_examples: int = 64) -> data.Split:
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, size=(num_examples, 1, 1, FEATURES), dtype=np.uint8)
+    labels = rng.integers(0, NUM_CLASSES, size=num_examples).astype(np.int32)
+    return data.Split(images=images, labels=labels)
+
+
+def _build(strategy, *, zero_init: bool, warmup_steps: int = 4, clip: float = 0.0, momentum=0.0):
+    """A linear classifier trained by plain SGD under a controlled warmup schedule."""
+    keras.utils.set_random_seed(0)
+    with strategy.scope():
+        initializer = "zeros" if zero_init else "glorot_uniform"
+        model = keras.Sequential(
+            [
+                keras.Input((1, 1, FEATURES)),
+                keras.layers.Flatten(),
+                keras.layers.Dense(NUM_CLASSES, kernel_initializer=initializer),
+            ]
+        )
+        state = lr_control.LRState("min")
+        base = schedules.WarmupDecaySchedule(
+            peak_lr=0.4, total_steps=100, warmup_steps=warmup_steps, decay_kind="cosine"
+        )
+        schedule = lr_control.ControlledSchedule(base, state)
+        optimizer = keras.optimizers.SGD(schedule, momentum=momentum)
+        optimizer.build(model.trainable_variables)
+    train_loop = loop.make_train_loop(
+        strategy=strategy,
+        model=model,
+        optimizer=optimizer,
+        global_batch_size=GLOBAL_BATCH,
+        grad_clip_norm=clip,
+    )
+    return model, optimizer, state, schedule, train_loop
+
+
+def _iterator(strategy, split, start=0):
+    fn = data.train_dataset_fn(split, global_batch_size=GLOBAL_BATCH, start_position=start, seed=1)
+    return iter(strategy.distribute_datasets_from_function(fn))
+
+
+def _global_batch(split, start):
+    """The preprocessed global batch at stream position `start`, via a 1-replica stream."""
+    images, labels = next(_iterator(tf.distribute.get_strategy(), split, start))
+    return images.numpy().reshape(GLOBAL_BATCH, -1), labels.numpy()
+
+
+def _expected_grads(images, labels):
+    """d(mean cross-entropy)/d(kernel, bias) of a zero linear model: uniform softmax minus one-hot."""
+    residual = np.full((GLOBAL_BATCH, NUM_CLASSES), 1.0 / NUM_CLASSES)
+    residual[np.arange(GLOBAL_BATCH), labels] -= 1.0
+    return images.T @ residual / GLOBAL_BATCH, residual.mean(axis=0)
+
+
+def _apply_change(path, controller, workdir):
+    if path == "milestone":
+        controller.scale(0.25, 0, "test milestone")
+    elif path == "plateau":
+        for loss in (1.0, 1.0, 1.0):  # patience 2: the third eval without improvement reduces.
+            controller.on_eval(0, {"eval_loss": loss})
+    elif path == "override":
+        (workdir / lr_control.OVERRIDE_FILE).write_text('{"set": 0.03}')
+        controller.apply_override_file(str(workdir), 0)
+
+
+# Expected LR of update 1: warmup 1/4 of the peak 0.4, times what the path did.
+@pytest.mark.parametrize(
+    ("path", "expected_lr"),
+    [("schedule", 0.1), ("milestone", 0.025), ("plateau", 0.05), ("override", 0.03)],
+)
+@pytest.mark.parametrize("num_replicas", [1, 2])
+def test_logged_lr_is_the_applied_lr(path, expected_lr, num_replicas, tmp_path):
+    strategy = testutil.mirrored(num_replicas)
+    model, _, state, schedule, train_loop = _build(strategy, zero_init=True)
+    lr_config = default_config.get_config().lr
+    lr_config.plateau_metric = "eval_loss"
+    lr_config.plateau_patience = 2
+    controller = lr_control.LRController(
+        config=lr_config, milestone_steps=(), schedule=schedule, state=state
+    )
+    _apply_change(path, controller, tmp_path)
+    split = _split()
+    images, labels = _global_batch(split, 0)
+
+    outputs = train_loop(_iterator(strategy, split), tf.constant(1))
+
+    logged = float(outputs["learning_rate"].numpy())
+    assert logged == pytest.approx(expected_lr, rel=1e-6)
+    kernel_grad, bias_grad = _expected_grads(images, labels)
+    kernel, bias = (w.numpy() for w in model.trainable_variables)
+    np.testing.assert_allclose(kernel, -logged * kernel_grad, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(bias, -logged * bias_grad, rtol=1e-4, atol=1e-6)
+
+
+def test_same_global_batch_gives_same_losses_and_lrs_on_1_2_4_replicas():
+    split = _split()
+    histories = {}
+    for num_replicas in (1, 2, 4):
+        strategy = testutil.mirrored(num_replicas)
+        _, _, _, _, train_loop = _build(strategy, zero_init=False, momentum=0.9)
+        iterator = _iterator(strategy, split)
+        steps = [train_loop(iterator, tf.constant(1)) for _ in range(6)]
+        histories[num_replicas] = (
+            [float(s["loss"].numpy()) for s in steps],
+            [float(s["learning_rate"].numpy()) for s in steps],
+        )
+    for num_replicas in (2, 4):
+        np.testing.assert_allclose(histories[num_replicas][0], histories[1][0], rtol=1e-5)
+        assert histories[num_replicas][1] == histories[1][1]
+    assert histories[1][1][:4] == pytest.approx([0.1, 0.2, 0.3, 0.4])  # The warmup, applied.
+
+
+def test_clipping_uses_the_global_norm_of_the_all_reduced_gradient():
+    split = _split()
+    updates = {}
+    for num_replicas in (1, 2):
+        strategy = testutil.mirrored(num_replicas)
+        model, _, _, _, train_loop = _build(strategy, zero_init=True, clip=1e-3)
+        outputs = train_loop(_iterator(strategy, split), tf.constant(1))
+        update = np.concatenate([w.numpy().ravel() for w in model.trainable_variables])
+        updates[num_replicas] = update
+        # Plain SGD from zero: the update is -lr x (gradient clipped to norm 1e-3).
+        lr = float(outputs["learning_rate"].numpy())
+        assert np.linalg.norm(update) == pytest.approx(lr * 1e-3, rel=1e-4)
+    np.testing.assert_allclose(updates[2], updates[1], rtol=1e-5, atol=1e-9)
+
+
+def test_loop_length_is_a_tensor_so_nothing_retraces():
+    strategy = testutil.mirrored(2)
+    _, optimizer, _, _, train_loop = _build(strategy, zero_init=False)
+    iterator = _iterator(strategy, _split())
+    for num_steps in (3, 1, 5):
+        train_loop(iterator, tf.constant(num_steps))
+    assert train_loop.experimental_get_tracing_count() == 1
+    assert int(optimizer.iterations.numpy()) == 9
+
+
+def test_eval_loop_counts_each_example_once_with_weights():
+    strategy = testutil.mirrored(2)
+    model, _, _, _, _ = _build(strategy, zero_init=True)
+    split = _split(num_examples=37)  # Not a multiple of the global batch: padding is needed.
+    fn, steps = data.eval_dataset_fn(split, global_batch_size=GLOBAL_BATCH)
+    eval_loop = loop.make_eval_loop(strategy=strategy, model=model)
+    outputs = eval_loop(iter(strategy.distribute_datasets_from_function(fn)), tf.constant(steps))
+    # A zero model predicts uniformly: loss log(C) for every example; argmax is class 0.
+    assert float(outputs["eval_loss"].numpy()) == pytest.approx(np.log(NUM_CLASSES), rel=1e-5)
+    expected_accuracy = np.mean(split.labels == 0)
+    assert float(outputs["eval_accuracy"].numpy()) == pytest.approx(expected_accuracy, rel=1e-5)
+
+
+def test_nan_trigger_poisons_exactly_the_chosen_update():
+    strategy = testutil.mirrored(2)
+    keras.utils.set_random_seed(0)
+    model, optimizer, _, _, _ = _build(strategy, zero_init=False)
+    with strategy.scope():
+        trigger = tf.Variable(3, dtype=tf.int64)
+    train_loop = loop.make_train_loop(
+        strategy=strategy,
+        model=model,
+        optimizer=optimizer,
+        global_batch_size=GLOBAL_BATCH,
+        nan_trigger=trigger,
+    )
+    iterator = _iterator(strategy, _split())
+    losses = [float(train_loop(iterator, tf.constant(1))["loss"].numpy()) for _ in range(3)]
+    assert np.isfinite(losses[:2]).all() and np.isnan(losses[2])

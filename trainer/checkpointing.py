@@ -1,0 +1,170 @@
+"""What a checkpoint holds, how it is written, and the order in which a run is restored.
+
+Layout: WORKDIR/checkpoints/ckpt-STEP.{index,data-*} written by `tf.train.Checkpoint.write`, then
+ckpt-STEP.manifest.json written atomically *after* it. The manifest is the commit marker: a save
+killed half-way has no manifest and is never restored, so a partial save never becomes "latest".
+TF's `checkpoint` state file is not used: an unreadable one would silently restore nothing.
+"""
+
+import dataclasses
+import json
+import os
+import re
+
+import tensorflow as tf
+from absl import logging
+
+_CKPT = re.compile(r"ckpt-(\d+)\.index$")
+
+
+class CheckpointError(RuntimeError):
+    """A workdir's checkpoints cannot be used; the message says what to do."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Manifest:
+    """What a checkpoint was written for; compared on resume before anything is restored."""
+
+    step: int
+    examples_seen: int
+    model: str  # Model name.
+    model_variables: list[list]  # [path, shape] of every model variable, in order.
+    optimizer: str
+    plan: dict
+    config: dict
+    versions: dict
+
+    def incompatibility(self, other: "Manifest") -> str | None:
+        """Says what differs in a way that cannot be restored, or None."""
+        if (self.model, self.model_variables) != (other.model, other.model_variables):
+            differing = [
+                f"{a} vs {b}"
+                for a, b in zip(self.model_variables, other.model_variables)
+                if a != b
+            ][:3]
+            return (
+                f"model '{self.model}' ({len(self.model_variables)} variables) vs this run's "
+                f"'{other.model}' ({len(other.model_variables)} variables); first differences: "
+                f"{differing or 'variable count'}"
+            )
+        if self.optimizer != other.optimizer:
+            return f"optimizer '{self.optimizer}' vs this run's '{other.optimizer}'"
+        return None
+
+
+class Checkpointer:
+    """Saves and restores one `tf.train.Checkpoint` in a workdir; only the chief keeps files."""
+
+    def __init__(
+        self,
+        checkpoint: tf.train.Checkpoint,
+        workdir: str,
+        *,
+        is_chief: bool,
+        worker_index: int,
+        max_to_keep: int,
+    ):
+        self._checkpoint = checkpoint
+        self.directory = os.path.join(workdir, "checkpoints")
+        self._is_chief = is_chief
+        # Non-chief workers must take part in a multi-worker save (it has collectives), but write
+        # to a scratch directory that is deleted right after.
+        self._write_directory = (
+            self.directory if is_chief else os.path.join(workdir, f"tmp_worker_{worker_index}")
+        )
+        self._max_to_keep = max_to_keep
+        tf.io.gfile.makedirs(self._write_directory)
+
+    def _prefix(self, step: int, directory: str | None = None) -> str:
+        return os.path.join(directory or self.directory, f"ckpt-{step}")
+
+    def _written_steps(self) -> list[int]:
+        """Steps with an index file, complete or not, newest first."""
+        names = tf.io.gfile.glob(os.path.join(self.directory, "ckpt-*.index"))
+        return sorted((int(_CKPT.search(n).group(1)) for n in names), reverse=True)
+
+    def complete_steps(self) -> list[int]:
+        """Steps whose save finished (manifest present), newest first."""
+        return [
+            s for s in self._written_steps() if tf.io.gfile.exists(self._prefix(s) + ".manifest.json")
+        ]
+
+    def read_manifest(self, step: int) -> Manifest:
+        with tf.io.gfile.GFile(self._prefix(step) + ".manifest.json") as f:
+            return Manifest(**json.load(f))
+
+    def save(self, manifest: Manifest) -> str:
+        """Writes the checkpoint, then its manifest (the commit marker), then prunes old ones."""
+        prefix = self._checkpoint.write(self._prefix(manifest.step, self._write_directory))
+        if not self._is_chief:
+            tf.io.gfile.rmtree(self._write_directory)
+            tf.io.gfile.makedirs(self._write_directory)
+            return prefix
+        temporary = prefix + ".manifest.json.tmp"
+        with tf.io.gfile.GFile(temporary, "w") as f:
+            json.dump(dataclasses.asdict(manifest), f, indent=1, sort_keys=True)
+        tf.io.gfile.rename(temporary, prefix + ".manifest.json", overwrite=True)
+        self._prune(keep_after=manifest.step)
+        return prefix
+
+    def _prune(self, keep_after: int) -> None:
+        """Keeps the newest `max_to_keep` complete checkpoints; drops debris of older saves."""
+        complete = self.complete_steps()
+        for step in self._written_steps():
+            if step in complete[: self._max_to_keep] or step > keep_after:
+                continue
+            for path in tf.io.gfile.glob(self._prefix(step) + ".*"):
+                tf.io.gfile.remove(path)
+
+    def restore_latest(self, expected: Manifest) -> Manifest | None:
+        """Restores the newest readable checkpoint; None only if the workdir has none at all.
+
+        Order: (1) list complete checkpoints, newest first; (2) refuse one written for another
+        model or optimizer (a user error, not damage); (3) restore, checking every object in this
+        run matched; (4) if it is damaged, say so and fall back to the next older one; (5) if
+        checkpoints exist but none could be read, fail: never a silent fresh start.
+        """
+        written = self._written_steps()
+        complete = self.complete_steps()
+        if not written:
+            return None
+        for step in written:
+            if step not in complete:
+                logging.warning("ignoring %s: its save never finished (no manifest)", self._prefix(step))
+        failures = []
+        for step in complete:
+            try:
+                manifest = self.read_manifest(step)
+            except (ValueError, TypeError, tf.errors.OpError) as error:
+                failures.append(f"ckpt-{step}: unreadable manifest ({error})")
+                logging.warning("checkpoint ckpt-%d has a damaged manifest; trying an older one", step)
+                continue
+            problem = manifest.incompatibility(expected)
+            if problem:
+                raise CheckpointError(
+                    f"{self._prefix(step)} was written for {problem}; resume with the config it "
+                    f"was written with, or use a new --workdir to start a different run"
+                )
+            try:
+                self._checkpoint.read(self._prefix(step)).assert_existing_objects_matched()
+            except (tf.errors.OpError, ValueError, AssertionError) as error:
+                first_line = str(error).strip().splitlines()[0] if str(error).strip() else ""
+                failures.append(f"ckpt-{step}: {type(error).__name__}: {first_line}")
+                logging.warning("checkpoint ckpt-%d is damaged (%s); trying an older one", step, first_line)
+                continue
+            logging.info("restored %s", self._prefix(step))
+            return manifest
+        raise CheckpointError(
+            f"{self.directory} has checkpoints but none can be read ({'; '.join(failures) or 'no complete save'}); "
+            f"move the directory away to start from scratch"
+        )
+
+
+def seed_generator_states(model) -> list[tf.Variable]:
+    """The RNG states of Keras 3 layers (e.g. Dropout), which tf.train.Checkpoint does not track.
+
+    Without them a resumed run draws different dropout masks than an uninterrupted one. Keras
+    lists them in `model.variables` but not in `model.weights`.
+    """
+    weights = {id(w) for w in model.weights}
+    return [v.value for v in model.variables if id(v) not in weights]

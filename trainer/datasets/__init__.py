@@ -1,0 +1,1 @@
+"""Offline datasets that ship with tfscale as TFDS builders."""

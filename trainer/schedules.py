@@ -1,0 +1,212 @@
+"""Learning-rate scaling with batch size, and one warmup-then-decay schedule for every recipe."""
+
+import itertools
+import math
+from collections.abc import Sequence
+
+import keras
+import tensorflow as tf
+
+SCALING_RULES = ("linear", "sqrt", "none")
+WARMUP_KINDS = ("linear", "exponential")
+DECAY_KINDS = ("constant", "cosine", "linear", "polynomial", "piecewise", "rsqrt", "exponential")
+
+
+def _require(condition: bool, message: str) -> None:
+    if not condition:
+        raise ValueError(message)
+
+
+def _check_kind(field: str, value: str, valid: tuple[str, ...]) -> None:
+    _require(value in valid, f"{field} ({value!r}) is unknown; use one of {', '.join(valid)}")
+
+
+def scale_learning_rate(
+    base_lr: float, reference_batch_size: int, global_batch_size: int, rule: str
+) -> float:
+    """Returns the peak LR for `global_batch_size`, given `base_lr` tuned at the reference batch.
+
+    A recipe's LR is only valid for the batch it was tuned at; scaling it keeps the update size
+    per example roughly constant when the batch grows with the number of replicas.
+    linear: base * B / ref, for SGD (Goyal et al. 2017, "ImageNet in 1 hour").
+    sqrt: base * sqrt(B / ref), for Adam-type optimizers, whose updates are already normalised.
+    none: base, for recipes whose LR was tuned at the batch actually used.
+    """
+    _check_kind("lr.scaling", rule, SCALING_RULES)
+    for field, value in (
+        ("lr.base", base_lr),
+        ("lr.reference_batch_size", reference_batch_size),
+        ("global_batch_size", global_batch_size),
+    ):
+        _require(value > 0, f"{field} ({value}) must be positive; set it to a value > 0")
+    ratio = global_batch_size / reference_batch_size
+    if rule == "linear":
+        return base_lr * ratio
+    if rule == "sqrt":
+        return base_lr * math.sqrt(ratio)
+    return base_lr
+
+
+@keras.saving.register_keras_serializable(package="tfscale")
+class WarmupDecaySchedule(keras.optimizers.schedules.LearningRateSchedule):
+    """Warmup to `peak_lr`, then decay; one class so every recipe is a config change, not code.
+
+    Keras calls a schedule with `optimizer.iterations`, the number of updates already applied, so
+    the update being applied is number u = step + 1 (1-based). All formulas use u: update number
+    `warmup_steps` is the first to use exactly the peak LR, and the first update never uses LR 0.
+
+    1. Warmup, for u <= warmup_steps (none if warmup_steps == 0); with
+       start = peak * warmup_start_fraction:
+       linear: start + (peak - start) * u / warmup_steps.
+       exponential ("gradual"): peak * warmup_start_fraction ** (1 - u / warmup_steps).
+    2. Decay, for u > warmup_steps; t = clip((u - warmup_steps) / (total_steps - warmup_steps),
+       0, 1) and floor = peak * end_fraction:
+       constant: peak.
+       cosine: floor + (peak - floor) * 0.5 * (1 + cos(pi * t)).
+       linear: peak + (floor - peak) * t.
+       polynomial: floor + (peak - floor) * (1 - t) ** power.
+       piecewise: peak * multipliers[i] once u > boundaries[i] (steps; peak before the first).
+       rsqrt: peak * sqrt(max(warmup_steps, 1) / max(u, warmup_steps, 1)) (Transformer decay).
+       exponential: max(floor, peak * decay_rate ** ((u - warmup_steps) / decay_steps)).
+
+    `__call__` uses only float32 TF ops with no branching on tensor values, so it traces once
+    inside `tf.function`, runs in replica context and on TPU, and also accepts a vector of
+    steps eagerly: `schedule(np.arange(n))` is the whole curve, for plots.
+    """
+
+    def __init__(
+        self,
+        *,
+        peak_lr: float,
+        total_steps: int,
+        warmup_steps: int = 0,
+        warmup_kind: str = "linear",
+        warmup_start_fraction: float = 0.0,
+        decay_kind: str = "constant",
+        end_fraction: float = 0.0,
+        power: float = 1.0,
+        boundaries: Sequence[int] = (),
+        multipliers: Sequence[float] = (),
+        decay_rate: float = 0.5,
+        decay_steps: int = 1,
+    ):
+        super().__init__()
+        _check_kind("lr.warmup", warmup_kind, WARMUP_KINDS)
+        _check_kind("lr.decay", decay_kind, DECAY_KINDS)
+        _require(peak_lr > 0, f"peak_lr ({peak_lr}) must be positive; check lr.base, lr.scaling")
+        _require(total_steps > 0, f"total_steps ({total_steps}) must be positive; train longer")
+        _require(warmup_steps >= 0, f"lr.warmup_steps ({warmup_steps}) must be >= 0; 0 = none")
+        _require(
+            warmup_steps < total_steps,
+            f"lr.warmup_steps ({warmup_steps}) must be smaller than total_steps ({total_steps});"
+            " shorten the warmup or train longer",
+        )
+        _require(
+            0 <= warmup_start_fraction <= 1,
+            f"lr.warmup_start_fraction ({warmup_start_fraction}) must be in [0, 1]",
+        )
+        _require(
+            warmup_kind != "exponential" or warmup_start_fraction > 0,
+            f"lr.warmup_start_fraction ({warmup_start_fraction}) must be > 0 for"
+            " lr.warmup='exponential' (0 ** x never leaves 0); use e.g. 0.01",
+        )
+        _require(
+            0 <= end_fraction <= 1,
+            f"lr.end_fraction ({end_fraction}) must be in [0, 1]; it is the floor x peak",
+        )
+        _require(power > 0, f"lr.power ({power}) must be positive; 1.0 is linear decay")
+        _require(
+            0 < decay_rate <= 1,
+            f"lr.decay_rate ({decay_rate}) must be in (0, 1]; e.g. 0.5 halves the LR",
+        )
+        _require(decay_steps > 0, f"lr.decay_steps ({decay_steps}) must be positive")
+        boundaries, multipliers = list(boundaries), list(multipliers)
+        if decay_kind == "piecewise":
+            _check_piecewise(boundaries, multipliers, warmup_steps, total_steps)
+        self.peak_lr = float(peak_lr)
+        self.total_steps = total_steps
+        self.warmup_steps = warmup_steps
+        self.warmup_kind = warmup_kind
+        self.warmup_start_fraction = float(warmup_start_fraction)
+        self.decay_kind = decay_kind
+        self.end_fraction = float(end_fraction)
+        self.power = float(power)
+        self.boundaries = [int(b) for b in boundaries]
+        self.multipliers = [float(m) for m in multipliers]
+        self.decay_rate = float(decay_rate)
+        self.decay_steps = decay_steps
+
+    def __call__(self, step: tf.types.experimental.TensorLike) -> tf.Tensor:
+        """Returns the float32 LR for the update after `step` (or each of a vector of steps)."""
+        u = tf.cast(step, tf.float32) + 1.0  # The 1-based number of the update being applied.
+        if self.warmup_steps == 0:
+            return self._decay(u)
+        # 3) Both phases are computed; tf.where picks per step, so nothing branches on tensors.
+        return tf.where(u <= self.warmup_steps, self._warmup(u), self._decay(u))
+
+    def _warmup(self, u: tf.Tensor) -> tf.Tensor:
+        # 1) Warmup: ramp up to peak, reached exactly at update number warmup_steps.
+        peak, fraction = self.peak_lr, u / self.warmup_steps
+        if self.warmup_kind == "linear":
+            start = peak * self.warmup_start_fraction
+            return start + (peak - start) * fraction
+        return peak * tf.pow(self.warmup_start_fraction, 1.0 - fraction)
+
+    def _decay(self, u: tf.Tensor) -> tf.Tensor:
+        # 2) Decay: t runs from 0 at the end of warmup to 1 at total_steps, then stays there.
+        peak, warmup, kind = self.peak_lr, float(self.warmup_steps), self.decay_kind
+        floor = peak * self.end_fraction
+        t = tf.clip_by_value((u - warmup) / (self.total_steps - warmup), 0.0, 1.0)
+        if kind == "constant":
+            return tf.fill(tf.shape(u), peak)
+        if kind == "cosine":
+            return floor + (peak - floor) * 0.5 * (1.0 + tf.cos(math.pi * t))
+        if kind == "linear":
+            return peak + (floor - peak) * t
+        if kind == "polynomial":
+            return floor + (peak - floor) * tf.pow(1.0 - t, self.power)
+        if kind == "piecewise":
+            # Select, not sum, the multipliers so each plateau is exactly peak * multiplier.
+            lr = tf.fill(tf.shape(u), peak)
+            for boundary, multiplier in zip(self.boundaries, self.multipliers, strict=True):
+                lr = tf.where(u > boundary, peak * multiplier, lr)
+            return lr
+        if kind == "rsqrt":
+            return peak * tf.sqrt(max(warmup, 1.0) / tf.maximum(u, max(warmup, 1.0)))
+        return tf.maximum(floor, peak * tf.pow(self.decay_rate, (u - warmup) / self.decay_steps))
+
+    def get_config(self) -> dict:
+        """Returns the constructor arguments, so checkpointed optimizers rebuild the schedule."""
+        return {
+            "peak_lr": self.peak_lr,
+            "total_steps": self.total_steps,
+            "warmup_steps": self.warmup_steps,
+            "warmup_kind": self.warmup_kind,
+            "warmup_start_fraction": self.warmup_start_fraction,
+            "decay_kind": self.decay_kind,
+            "end_fraction": self.end_fraction,
+            "power": self.power,
+            "boundaries": list(self.boundaries),
+            "multipliers": list(self.multipliers),
+            "decay_rate": self.decay_rate,
+            "decay_steps": self.decay_steps,
+        }
+
+
+def _check_piecewise(
+    boundaries: list[int], multipliers: list[float], warmup_steps: int, total_steps: int
+) -> None:
+    _require(
+        0 < len(boundaries) == len(multipliers),
+        f"lr.boundaries {tuple(boundaries)} and lr.multipliers {tuple(multipliers)} must be"
+        " non-empty and of equal length for lr.decay='piecewise'; one multiplier per boundary",
+    )
+    _require(
+        all(b < c for b, c in itertools.pairwise(boundaries)),
+        f"lr.boundaries {tuple(boundaries)} must be strictly increasing; sort, drop duplicates",
+    )
+    _require(
+        warmup_steps < boundaries[0] and boundaries[-1] <= total_steps,
+        f"lr.boundaries {tuple(boundaries)} must lie in (lr.warmup_steps, total_steps] ="
+        f" ({warmup_steps}, {total_steps}]; check the unit (steps vs epochs)",
+    )
