@@ -7,6 +7,7 @@ import os
 import ml_collections
 import tensorflow as tf
 
+
 class StrategyError(RuntimeError):
     """The requested strategy cannot be built here; the message says what to change."""
 
@@ -58,7 +59,8 @@ def _tpu_strategy(tpu: str) -> tf.distribute.Strategy:
         resolver = tf.distribute.cluster_resolver.TPUClusterResolver(tpu=tpu or "local")
         tf.config.experimental_connect_to_cluster(resolver)
         tf.tpu.experimental.initialize_tpu_system(resolver)
-    except (ValueError, tf.errors.OpError, RuntimeError) as error:
+    # OSError: a TPU name is looked up through the GCE metadata server (URLError without it).
+    except (ValueError, tf.errors.OpError, RuntimeError, OSError) as error:
         raise StrategyError(
             f"distribution.strategy='tpu' but no TPU is reachable at distribution.tpu="
             f"'{tpu or 'local'}' ({type(error).__name__}: {str(error).splitlines()[0]}); run on "

@@ -9,6 +9,7 @@ Both are variables read inside the compiled step, so every replica applies the s
 """
 
 import json
+import math
 
 import keras
 import ml_collections
@@ -26,7 +27,10 @@ class LRState(tf.Module):
         self.multiplier = tf.Variable(1.0, trainable=False, name="multiplier")
         self.step_offset = tf.Variable(0, dtype=tf.int64, trainable=False, name="step_offset")
         initial_best = float("inf") if plateau_mode == "min" else float("-inf")
-        self.plateau_best = tf.Variable(initial_best, trainable=False, name="plateau_best")
+        # float64: a float32 best rounds e.g. 0.3 up, so an equal metric would count as better.
+        self.plateau_best = tf.Variable(
+            initial_best, dtype=tf.float64, trainable=False, name="plateau_best"
+        )
         self.plateau_wait = tf.Variable(0, dtype=tf.int64, trainable=False, name="plateau_wait")
         self.plateau_cooldown = tf.Variable(0, dtype=tf.int64, trainable=False, name="cooldown")
         self.milestones_done = tf.Variable(0, dtype=tf.int64, trainable=False, name="milestones")
@@ -163,10 +167,12 @@ class LRController:
             if action not in ("set", "multiply"):
                 raise ValueError(action)
             value = float(value)
-        except ValueError as error:
+            if not 0 < value < math.inf:
+                raise ValueError(value)
+        except (AttributeError, TypeError, ValueError) as error:  # Not a dict, null, a list...
             raise ValueError(
-                f"{path} must hold {{\"set\": LR}} or {{\"multiply\": FACTOR}}, got {text!r}; "
-                "fix or delete it"
+                f"{path} must hold {{\"set\": LR}} or {{\"multiply\": FACTOR}} with a positive "
+                f"number, got {text!r}; fix or delete it"
             ) from error
         tf.io.gfile.rename(path, f"{workdir}/lr_override.applied-{step}.json", overwrite=True)
         reason = f"manual override {request}"

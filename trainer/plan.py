@@ -100,7 +100,7 @@ def check_config(config: ml_collections.ConfigDict) -> None:
         "checkpoint_every_steps",
         "max_checkpoints_to_keep",
     )
-    _check_positive(config.lr, "base", "reference_batch_size")
+    _check_positive(config, "lr.base", "lr.reference_batch_size")  # Dotted: named in errors.
     _check_choice("lr.scaling", config.lr.scaling, schedules.SCALING_RULES)
     _check_choice("lr.warmup", config.lr.warmup, schedules.WARMUP_KINDS)
     _check_choice("lr.decay", config.lr.decay, schedules.DECAY_KINDS)

@@ -264,7 +264,9 @@ def _train(config, workdir, strategy, topology, plan, train_split, eval_split) -
             if not math.isfinite(loss):
                 recoveries += 1
                 _handle_non_finite(config, plan, state, checkpointer, loss, recoveries)
-                controller.scale(config.nan_lr_factor, state.step, "NaN recovery")
+                writer.rewind(state.step)
+                event = controller.scale(config.nan_lr_factor, state.step, "NaN recovery")
+                writer.write(state.step, {"lr_event": event}, kind="event")
                 iterator = train_iterator()
                 window = {"loss": 0.0, "accuracy": 0.0, "steps": 0, "seconds": 0.0}
                 continue

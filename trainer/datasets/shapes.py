@@ -1,7 +1,5 @@
 """Procedurally generated geometric-shapes dataset, exposed as an offline TFDS builder."""
 
-from __future__ import annotations
-
 import struct
 import zlib
 from typing import ClassVar
@@ -75,7 +73,9 @@ def _contrasting_colors(n: int, rng: np.random.Generator) -> tuple[np.ndarray, n
     fg = rng.uniform(0.0, 255.0, size=(n, 3)).astype(np.float32)
     bg = rng.uniform(0.0, 255.0, size=(n, 3)).astype(np.float32)
     while True:
-        weak = np.linalg.norm(fg - bg, axis=1) < _MIN_CONTRAST
+        # Spelled-out sum: a library reduction's order (and so its rounding) may vary by CPU.
+        diff = fg - bg
+        weak = diff[:, 0] ** 2 + diff[:, 1] ** 2 + diff[:, 2] ** 2 < _MIN_CONTRAST**2
         if not weak.any():
             return fg, bg
         fg[weak] = rng.uniform(0.0, 255.0, size=(weak.sum(), 3))
@@ -84,8 +84,10 @@ def _contrasting_colors(n: int, rng: np.random.Generator) -> tuple[np.ndarray, n
 def render_examples(num_examples: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """Render (images uint8 (n, 32, 32, 3), labels int64 (n,)) deterministically from seed.
 
-    Labels are a shuffled, exactly balanced sequence so every split has equal class shares. Public
-    so tests and benchmarks can use the same pixels without going through TFDS.
+    Labels are a shuffled, exactly balanced sequence so every split has equal class shares. Only
+    IEEE-exact float32 operations touch the random draws, and numpy fixes Generator streams per
+    release, so a numpy version yields the same pixels on every machine. Public so tests and
+    benchmarks can use the same pixels without going through TFDS.
     """
     rng = np.random.default_rng(seed)
     labels = rng.permutation(np.arange(num_examples) % len(CLASS_NAMES))
@@ -154,7 +156,7 @@ class TfscaleShapes(tfds.core.GeneratorBasedBuilder):
         )
 
     def _split_generators(self, dl_manager):
-        """Ignores dl_manager: the data is rendered, never downloaded."""
+        """Ignore dl_manager: the data is rendered, never downloaded."""
         del dl_manager
         return {
             name: self._generate_examples(num_examples=num_examples, seed=seed)

@@ -1,0 +1,158 @@
+"""Tests for trainer/metrics.py: JSONL + TensorBoard records, resume truncation, the LR curve."""
+
+import glob
+import json
+import logging
+import os
+import time
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from trainer import metrics
+
+RECORDS = [
+    (10, {"loss": 2.5, "accuracy": 0.125, "learning_rate": 0.1}),
+    (20, {"loss": 1.75, "accuracy": 0.5, "learning_rate": 0.05, "examples": 2560}),
+    (30, {"loss": 1.0, "accuracy": 0.75, "learning_rate": 0.025, "phase": "decay"}),
+]
+
+
+def _events(workdir):
+    """(plugin, tag, step, value) of every summary under workdir/tensorboard, in file order."""
+    paths = sorted(glob.glob(os.path.join(workdir, "tensorboard", "events.out.tfevents.*")))
+    found = []
+    for path in paths:
+        for event in tf.compat.v1.train.summary_iterator(path):
+            for value in event.summary.value:
+                array = tf.make_ndarray(value.tensor)
+                plugin = value.metadata.plugin_data.plugin_name
+                found.append((plugin, value.tag, event.step, array.item()))
+    return found
+
+
+def _scalars(workdir, tag):
+    return [(step, value) for plugin, t, step, value in _events(workdir) if t == tag]
+
+
+def _writer(workdir, resume_step=0, enabled=True):
+    return metrics.MetricWriter(
+        str(workdir), enabled=enabled, total_steps=100, resume_step=resume_step
+    )
+
+
+def test_write_jsonl_and_tensorboard(tmp_path):
+    writer = _writer(tmp_path)
+    for step, record in RECORDS:
+        writer.write(step, record)
+    writer.close()
+    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line) for line in lines] == [{"step": s, **r} for s, r in RECORDS]
+    assert metrics.read_records(str(tmp_path)) == [{"step": s, **r} for s, r in RECORDS]
+    assert glob.glob(str(tmp_path / "tensorboard" / "events.out.tfevents.*"))
+    for tag in ("loss", "accuracy", "learning_rate"):
+        points = _scalars(str(tmp_path), tag)
+        assert [step for step, _ in points] == [step for step, _ in RECORDS]
+        np.testing.assert_allclose([v for _, v in points], [r[tag] for _, r in RECORDS], rtol=1e-6)
+    assert _scalars(str(tmp_path), "examples") == [(20, 2560)]
+    assert _scalars(str(tmp_path), "phase") == []  # Not a number: JSONL only.
+
+
+def test_progress_line(tmp_path, caplog):
+    caplog.set_level(logging.INFO)
+    writer = _writer(tmp_path)
+    writer.write(10, {"loss": 0.5, "accuracy": 0.25})
+    writer.write(20, {"eval_loss": 0.75}, kind="eval")
+    writer.close()
+    lines = [r.getMessage() for r in caplog.records if " | step: " in r.getMessage()]
+    assert lines[0].startswith("train | step: 10/100 | steps/sec: ")
+    assert lines[0].endswith("| loss: 0.5 | accuracy: 0.25")
+    assert lines[1] == "eval | step: 20/100 | eval_loss: 0.75"
+
+
+def test_write_text(tmp_path):
+    writer = _writer(tmp_path)
+    writer.write_text("plan", "plan | replicas: 2", step=0)
+    writer.close()
+    texts = [(t, s, v) for plugin, t, s, v in _events(str(tmp_path)) if plugin == "text"]
+    assert texts == [("plan", 0, b"plan | replicas: 2")]
+
+
+@pytest.mark.parametrize(
+    ("resume_step", "kept"),
+    [
+        (0, []),
+        (20, [10, 20]),
+        (35, [10, 20, 30]),
+        (50, [10, 20, 30, 40, 50]),
+        (90, [10, 20, 30, 40, 50]),
+    ],
+)
+def test_resume_drops_records_after_the_restored_step(tmp_path, resume_step, kept):
+    first = _writer(tmp_path)
+    for step in (10, 20, 30, 40, 50):
+        first.write(step, {"loss": 1.0, "run": 1})
+    first.close()  # "Crash" after step 50; the last checkpoint was at resume_step.
+    second = _writer(tmp_path, resume_step=resume_step)
+    assert [r["step"] for r in metrics.read_records(str(tmp_path))] == kept
+    redo = [s for s in (10, 20, 30, 40, 50, 60) if s > resume_step]
+    for step in redo:
+        second.write(step, {"loss": 0.5, "run": 2})
+    second.close()
+    records = metrics.read_records(str(tmp_path))
+    steps = [r["step"] for r in records]
+    assert steps == sorted(set(steps))  # Each step once, in order.
+    assert steps == kept + redo
+    assert [r["run"] for r in records] == [1] * len(kept) + [2] * len(redo)
+
+
+def test_disabled_writer_writes_nothing(tmp_path):
+    writer = _writer(tmp_path, enabled=False)
+    writer.write(10, {"loss": 1.0})
+    writer.write_text("plan", "text")
+    writer.write_lr_curve([0.1, 0.2, 0.3])
+    writer.close()
+    assert os.listdir(tmp_path) == []
+
+
+def test_disabled_writer_leaves_existing_records(tmp_path):
+    (tmp_path / "metrics.jsonl").write_text('{"step": 50, "loss": 1.0}\n')
+    writer = _writer(tmp_path, resume_step=10, enabled=False)
+    writer.write(60, {"loss": 0.5})
+    writer.close()
+    assert metrics.read_records(str(tmp_path)) == [{"step": 50, "loss": 1.0}]
+
+
+def test_lr_curve_short_is_written_in_full(tmp_path):
+    curve = [0.1 * (1 + np.cos(np.pi * i / 50)) / 2 for i in range(50)]
+    writer = _writer(tmp_path)
+    writer.write_lr_curve(curve)
+    writer.close()
+    points = _scalars(str(tmp_path), "planned_learning_rate")
+    assert [step for step, _ in points] == list(range(1, 51))  # curve[i] is update i + 1.
+    np.testing.assert_allclose([v for _, v in points], curve, rtol=1e-6, atol=1e-9)
+
+
+@pytest.mark.parametrize("length", [1, 2, 999, 1000, 1001, 2999, 100_000])
+def test_lr_curve_long_is_subsampled(tmp_path, length):
+    # value == step / length exactly where written, so each point is checked against its step.
+    curve = [(i + 1) / length for i in range(length)]
+    writer = _writer(tmp_path)
+    start = time.monotonic()
+    writer.write_lr_curve(curve)
+    elapsed = time.monotonic() - start
+    writer.close()
+    points = _scalars(str(tmp_path), "planned_learning_rate")
+    steps = [step for step, _ in points]
+    assert len(steps) <= 1000
+    if length <= 1000:
+        assert steps == list(range(1, length + 1))
+    assert steps[0] == 1 and steps[-1] == length  # First and last kept.
+    gaps = np.diff(steps)
+    assert (gaps > 0).all()
+    if len(gaps) > 1:
+        assert len(set(gaps[:-1].tolist())) == 1  # Evenly strided up to the last point.
+        assert len(steps) >= 500  # ...and not thinned more than needed.
+    np.testing.assert_allclose([v for _, v in points], np.array(steps) / length, rtol=1e-6)
+    assert elapsed < 15  # Writing all 100k points took ~65 s on 2 cores.

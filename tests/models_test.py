@@ -1,0 +1,218 @@
+"""Tests for trainer/models.py and trainer/optimizers.py: builders by name, dropout RNG, slots."""
+
+import time
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+import testutil
+
+from configs import default as default_config
+from trainer import checkpointing, models, optimizers
+from trainer.schedules import WarmupDecaySchedule
+
+# (input shape, width) per model; resnet50 has a fixed width and is only checked to build.
+SMALL = {
+    "mlp": ((8, 8, 1), 4),
+    "small_cnn": ((32, 32, 3), 4),
+    "resnet_cifar": ((32, 32, 3), 4),
+    "resnet50": ((32, 32, 3), 4),
+}
+
+
+def _model_config(name: str, width: int = 4, dropout_rate: float = 0.0):
+    config = default_config.get_config().model
+    config.name = name
+    config.width = width
+    config.dropout_rate = dropout_rate
+    return config
+
+
+def test_every_registered_model_is_tested():
+    assert set(models.MODELS) == set(SMALL)
+
+
+@pytest.mark.parametrize("name", sorted(models.MODELS))
+@pytest.mark.parametrize("num_classes", [3, 10])
+def test_model_outputs_logits_per_example(name, num_classes):
+    input_shape, width = SMALL[name]
+    start = time.monotonic()
+    model = models.build_model(_model_config(name, width), input_shape, num_classes, seed=0)
+    if name == "resnet50" and time.monotonic() - start > 15:
+        pytest.skip("resnet50 took over 15 s to build on this machine")
+    images = np.random.default_rng(0).uniform(-1, 1, size=(2, *input_shape)).astype(np.float32)
+    logits = model(images, training=False)
+    assert model.name == name
+    assert tuple(logits.shape) == (2, num_classes)
+    assert logits.dtype == tf.float32
+    assert np.isfinite(logits.numpy()).all()
+    # Logits, not probabilities: rows are not normalized, and the last layer is linear.
+    assert not np.allclose(logits.numpy().sum(axis=1), 1.0)
+    assert model.layers[-1].get_config()["activation"] == "linear"
+
+
+@pytest.mark.parametrize("name", ["mlp", "small_cnn", "resnet_cifar"])
+def test_width_scales_the_model(name):
+    input_shape, _ = SMALL[name]
+    narrow = models.build_model(_model_config(name, 2), input_shape, 10, seed=0)
+    wide = models.build_model(_model_config(name, 4), input_shape, 10, seed=0)
+    assert wide.count_params() > narrow.count_params()
+
+
+def test_same_seed_gives_same_weights_after_keras_seeding():
+    def build():
+        keras.utils.set_random_seed(1)
+        return models.build_model(_model_config("mlp"), (4, 4, 1), 5, seed=0)
+
+    first, second = build(), build()
+    for a, b in zip(first.weights, second.weights, strict=True):
+        np.testing.assert_array_equal(a.numpy(), b.numpy())
+
+
+def test_unknown_model_lists_the_names():
+    with pytest.raises(ValueError) as error:
+        models.build_model(_model_config("vgg"), (8, 8, 1), 10, seed=0)
+    message = str(error.value)
+    assert "'vgg'" in message
+    for name in ("mlp", "small_cnn", "resnet_cifar", "resnet50"):
+        assert name in message
+
+
+@pytest.mark.parametrize("name", ["mlp", "resnet_cifar"])
+def test_no_dropout_means_no_rng_state(name):
+    input_shape, width = SMALL[name]
+    model = models.build_model(_model_config(name, width), input_shape, 10, seed=0)
+    assert not [layer for layer in model.layers if isinstance(layer, keras.layers.Dropout)]
+    assert checkpointing.seed_generator_states(model) == []
+
+
+@pytest.mark.parametrize("name, rate", [("mlp", 0.5), ("small_cnn", 0.25)])
+def test_dropout_layer_and_its_rng_state_is_checkpointable(name, rate):
+    input_shape, width = SMALL[name]
+    model = models.build_model(_model_config(name, width, rate), input_shape, 10, seed=3)
+    (dropout,) = [layer for layer in model.layers if isinstance(layer, keras.layers.Dropout)]
+    assert dropout.rate == rate
+    (state,) = checkpointing.seed_generator_states(model)
+    assert state is dropout.seed_generator.state.value
+    assert isinstance(state, tf.Variable)  # What tf.train.Checkpoint can track.
+
+    # The returned variable *is* the dropout RNG: restoring it replays the same masks.
+    images = np.ones((4, *input_shape), np.float32)
+    model(images, training=True)
+    saved = state.numpy()
+    second = model(images, training=True).numpy()
+    third = model(images, training=True).numpy()
+    assert not np.array_equal(second, third)  # The state advances: a fresh mask each call.
+    state.assign(saved)
+    np.testing.assert_array_equal(model(images, training=True).numpy(), second)
+
+
+def test_dropout_seed_sets_the_initial_rng_state():
+    def initial_state(seed):
+        model = models.build_model(_model_config("mlp", 2, 0.5), (4, 4, 1), 10, seed=seed)
+        (state,) = checkpointing.seed_generator_states(model)
+        return state.numpy()
+
+    np.testing.assert_array_equal(initial_state(1), initial_state(1))
+    assert not np.array_equal(initial_state(1), initial_state(2))
+
+
+def _optimizer_config(name: str, **overrides):
+    config = default_config.get_config().optimizer
+    config.name = name
+    for key, value in overrides.items():
+        config[key] = value
+    return config
+
+
+def _schedule():
+    return WarmupDecaySchedule(peak_lr=0.1, total_steps=10, warmup_steps=4, decay_kind="cosine")
+
+
+def _variables():
+    model = models.build_model(_model_config("mlp", 1), (2, 2, 1), 3, seed=0)
+    return model.trainable_variables
+
+
+@pytest.mark.parametrize(
+    "name, overrides, optimizer_type, expected",
+    [
+        ("sgd", {}, keras.optimizers.SGD, {"momentum": 0.9, "nesterov": False}),
+        ("sgd", {"momentum": 0.5, "nesterov": True}, keras.optimizers.SGD, {"momentum": 0.5}),
+        ("sgd", {"weight_decay": 1e-4}, keras.optimizers.SGD, {"weight_decay": 1e-4}),
+        ("adam", {}, keras.optimizers.Adam, {"beta_1": 0.9, "beta_2": 0.999}),
+        ("adam", {"beta_1": 0.8, "beta_2": 0.95}, keras.optimizers.Adam, {"beta_2": 0.95}),
+        ("adamw", {"weight_decay": 0.05}, keras.optimizers.AdamW, {"weight_decay": 0.05}),
+    ],
+)
+def test_optimizer_is_built_with_schedule_config_and_slots(
+    name, overrides, optimizer_type, expected
+):
+    schedule = _schedule()
+    variables = _variables()
+    config = _optimizer_config(name, **overrides)
+    optimizer = optimizers.build_optimizer(config, schedule, variables)
+    assert type(optimizer) is optimizer_type
+    for key, value in {**overrides, **expected}.items():
+        assert getattr(optimizer, key) == pytest.approx(value), key
+    # Built now: iterations plus at least one slot per variable, before any step.
+    assert optimizer.built
+    assert len(optimizer.variables) > len(variables) >= 1
+    slot_shapes = sorted(tuple(v.shape) for v in optimizer.variables[1:])
+    for variable in variables:
+        assert tuple(variable.shape) in slot_shapes
+    # The schedule is the LR: schedule(iterations), also after a step.
+    assert float(optimizer.learning_rate) == pytest.approx(float(schedule(0)))
+    before = [v.numpy() for v in variables]
+    optimizer.apply_gradients([(tf.ones_like(v), v) for v in variables])
+    assert int(optimizer.iterations.numpy()) == 1
+    assert float(optimizer.learning_rate) == pytest.approx(float(schedule(1)))
+    for old, variable in zip(before, variables, strict=True):
+        assert (variable.numpy() < old).all()  # A positive gradient moves every weight down.
+
+
+def test_sgd_first_step_applies_the_scheduled_lr():
+    schedule = _schedule()
+    variables = _variables()
+    optimizer = optimizers.build_optimizer(_optimizer_config("sgd"), schedule, variables)
+    before = [v.numpy() for v in variables]
+    optimizer.apply_gradients([(tf.ones_like(v), v) for v in variables])
+    lr = float(schedule(0))  # Momentum starts at 0: the first update is -lr * gradient.
+    for old, variable in zip(before, variables, strict=True):
+        np.testing.assert_allclose(variable.numpy(), old - lr, rtol=1e-6)
+
+
+def test_optimizer_built_under_mirrored_steps_in_replica_context():
+    strategy = testutil.mirrored(2)
+    with strategy.scope():
+        model = models.build_model(_model_config("mlp", 1), (2, 2, 1), 3, seed=0)
+        optimizer = optimizers.build_optimizer(
+            _optimizer_config("adam"), _schedule(), model.trainable_variables
+        )
+    before = [v.numpy() for v in model.trainable_variables]
+
+    @tf.function
+    def step():
+        def replica_step():
+            variables = model.trainable_variables
+            optimizer.apply_gradients([(tf.ones_like(v), v) for v in variables])
+
+        strategy.run(replica_step)
+
+    step()
+    assert int(optimizer.iterations.numpy()) == 1  # One global step, not one per replica.
+    for old, variable in zip(before, model.trainable_variables, strict=True):
+        replicas = [v.numpy() for v in strategy.experimental_local_results(variable.value)]
+        assert len(replicas) == 2
+        np.testing.assert_array_equal(replicas[0], replicas[1])
+        assert (replicas[0] < old).all()
+
+
+def test_unknown_optimizer_lists_the_names():
+    with pytest.raises(ValueError) as error:
+        optimizers.build_optimizer(_optimizer_config("lamb"), 0.1, _variables())
+    message = str(error.value)
+    assert "'lamb'" in message
+    for name in ("sgd", "adam", "adamw"):
+        assert name in message

@@ -1,0 +1,212 @@
+"""Exact resume: interrupted runs end bitwise equal to uninterrupted ones; bad states fail loudly."""
+
+import os
+import random
+import signal
+import subprocess
+import time
+
+import numpy as np
+import pytest
+import tensorflow as tf
+import testutil
+
+from trainer import metrics, preemption
+
+pytestmark = pytest.mark.slow
+
+TOTAL = 60
+# Dropout (RNG state), a milestone after the interruption and plateau decisions at every eval.
+RUN = (
+    f"--config.total_steps={TOTAL}",
+    "--config.lr.warmup_steps=10",
+    "--config.steps_per_loop=5",
+    "--config.log_every_steps=5",
+    "--config.eval_every_steps=10",
+    "--config.checkpoint_every_steps=20",
+    "--config.model.width=8",
+    "--config.model.dropout_rate=0.3",
+    "--config.lr.milestones=(45,)",
+    "--config.lr.milestones_unit=steps",
+    "--config.lr.milestone_values=(0.5,)",
+    "--config.lr.plateau_metric=eval_loss",
+    "--config.lr.plateau_patience=1",
+    "--config.lr.plateau_min_delta=10.0",
+    "--config.distribution.strategy=mirrored",
+    "--config.distribution.cpu_replicas=2",
+)
+
+
+def checkpoint_values(workdir, step: int) -> dict[str, np.ndarray]:
+    reader = tf.train.load_checkpoint(str(workdir / "checkpoints" / f"ckpt-{step}"))
+    names = [n for n in reader.get_variable_to_shape_map() if "OBJECT_GRAPH" not in n]
+    return {name: reader.get_tensor(name) for name in names}
+
+
+def assert_bitwise_equal(workdir_a, workdir_b, step: int = TOTAL) -> None:
+    a, b = checkpoint_values(workdir_a, step), checkpoint_values(workdir_b, step)
+    assert a.keys() == b.keys()
+    assert any("optimizer" in n for n in a) and any("rng" in n for n in a)
+    assert any("lr_state" in n for n in a) and any("examples_seen" in n for n in a)
+    for name in a:
+        np.testing.assert_array_equal(a[name], b[name], err_msg=name)
+
+
+def logged(workdir, key: str) -> list[tuple[int, object]]:
+    return [(r["step"], r[key]) for r in metrics.read_records(workdir) if key in r]
+
+
+def start(workdir, data_dir, *extra: str) -> subprocess.Popen:
+    return subprocess.Popen(
+        testutil.main_command(workdir, *RUN, *extra, data_dir=data_dir),
+        cwd=testutil.REPO,
+        env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def wait_for_step(workdir, step: int, process: subprocess.Popen, timeout: float = 300) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        path = workdir / "metrics.jsonl"
+        if path.exists() and any(s >= step for s, _ in logged(workdir, "loss")):
+            return
+        assert process.poll() is None, process.stderr.read()[-3000:]
+        time.sleep(0.05)
+    raise TimeoutError(f"step {step} not reached")
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory, data_dir):
+    workdir = tmp_path_factory.mktemp("straight")
+    testutil.run_main(workdir, *RUN, data_dir=data_dir)
+    return workdir
+
+
+def test_sigterm_twice_then_resume_is_bitwise_identical(straight, tmp_path, data_dir):
+    rng = random.Random(0)
+    for after_step in (10, 35):  # Several interruptions, the second before the milestone.
+        process = start(tmp_path, data_dir)
+        wait_for_step(tmp_path, after_step, process)
+        time.sleep(rng.uniform(0, 0.5))  # An arbitrary moment inside the next inner loop.
+        process.send_signal(signal.SIGTERM)
+        _, stderr = process.communicate(timeout=120)
+        assert process.returncode == preemption.EXIT_CODE_PREEMPTED, stderr[-3000:]
+        assert "rerun the same command to resume" in stderr
+    testutil.run_main(tmp_path, *RUN, data_dir=data_dir)
+
+    assert_bitwise_equal(straight, tmp_path)
+    steps = [s for s, _ in logged(tmp_path, "loss")]
+    assert steps == list(range(5, TOTAL + 1, 5))  # Each step logged once.
+    assert logged(tmp_path, "learning_rate") == logged(straight, "learning_rate")
+    assert logged(tmp_path, "lr_event") == logged(straight, "lr_event")
+    assert any("milestone" in e for _, e in logged(straight, "lr_event"))
+    assert any("plateau" in e for _, e in logged(straight, "lr_event"))
+
+
+def test_sigkill_at_an_arbitrary_moment_resumes_from_the_last_complete_save(
+    straight, tmp_path, data_dir
+):
+    process = start(tmp_path, data_dir)
+    wait_for_step(tmp_path, 20, process)  # Around the step-20 checkpoint write.
+    time.sleep(random.Random(1).uniform(0, 0.3))
+    process.kill()
+    process.communicate(timeout=60)
+    result = testutil.run_main(tmp_path, *RUN, data_dir=data_dir)
+    assert "resumed at step" in result.stderr
+    assert_bitwise_equal(straight, tmp_path)
+    assert [s for s, _ in logged(tmp_path, "loss")] == list(range(5, TOTAL + 1, 5))
+
+
+def test_nan_with_fail_policy_stops_and_keeps_good_checkpoints(tmp_path, data_dir):
+    result = testutil.run_main(
+        tmp_path, *RUN, "--config.inject_nan_at_step=33", data_dir=data_dir, check=False
+    )
+    assert result.returncode == 1
+    assert "loss is nan" in result.stderr and "step 35" in result.stderr
+    assert "last good checkpoint" in result.stderr and "ckpt-20" in result.stderr
+    saved = sorted(f for f in os.listdir(tmp_path / "checkpoints") if f.endswith(".manifest.json"))
+    assert saved == ["ckpt-0.manifest.json", "ckpt-20.manifest.json"]
+
+
+def test_nan_with_recover_policy_restores_and_lowers_the_lr(tmp_path, data_dir):
+    testutil.run_main(
+        tmp_path,
+        *RUN,
+        "--config.inject_nan_at_step=33",
+        "--config.nan_policy=recover",
+        "--config.nan_lr_factor=0.25",
+        data_dir=data_dir,
+    )
+    events = [e for _, e in logged(tmp_path, "lr_event") if "NaN recovery" in e]
+    assert len(events) == 1
+    final = checkpoint_values(tmp_path, TOTAL)
+    assert all(np.isfinite(v).all() for v in final.values() if v.dtype.kind == "f")
+    steps = [s for s, _ in logged(tmp_path, "loss")]
+    assert steps == sorted(set(steps)) and steps[-1] == TOTAL
+
+
+def test_checkpoint_of_another_model_is_refused(tmp_path, data_dir):
+    testutil.run_main(tmp_path, *RUN, "--config.total_steps=5", data_dir=data_dir)
+    result = testutil.run_main(
+        tmp_path, *RUN, "--config.model.width=16", data_dir=data_dir, check=False
+    )
+    assert result.returncode == 1
+    assert "was written for model" in result.stderr and "new --workdir" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_second_trainer_on_the_same_workdir_is_refused(tmp_path, data_dir):
+    first = start(tmp_path, data_dir)
+    try:
+        wait_for_step(tmp_path, 5, first)
+        second = testutil.run_main(tmp_path, *RUN, data_dir=data_dir, check=False)
+        assert second.returncode == 1
+        assert "another trainer holds" in second.stderr and "trainer.lock" in second.stderr
+    finally:
+        first.kill()
+        first.communicate()
+
+
+def test_unwritable_workdir_is_a_clear_error(tmp_path, data_dir):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    result = testutil.run_main(blocker / "workdir", *RUN, data_dir=data_dir, check=False)
+    assert result.returncode == 1
+    assert "workdir" in result.stderr.lower() and "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("new_batch", [128, 64])
+def test_resume_on_fewer_replicas_continues_from_the_examples_seen(tmp_path, data_dir, new_batch):
+    plain = [f for f in RUN if "lr.milestone" not in f and "plateau" not in f]
+    testutil.run_main(
+        tmp_path,
+        *plain,
+        "--config.distribution.cpu_replicas=4",
+        f"--config.total_examples={30 * 128}",
+        data_dir=data_dir,
+    )
+    result = testutil.run_main(
+        tmp_path,
+        *plain,
+        f"--config.global_batch_size={new_batch}",
+        f"--config.total_examples={60 * 128}",
+        data_dir=data_dir,
+    )
+    assert "replicas changed 4 -> 2" in result.stderr
+    records = [r for r in metrics.read_records(tmp_path) if "loss" in r]
+    seen = [r["examples_seen"] for r in records]
+    # No example repeated or skipped: the stream continues from the examples already seen.
+    assert seen[5] == 30 * 128 and seen[6] == 30 * 128 + 5 * new_batch
+    assert seen[-1] == 60 * 128
+    # The schedule continues at the same number of examples, with the peak rescaled (linear):
+    # 5 steps after resuming, the run is at plan step 30 * 128 / new_batch + 5 of
+    # 60 * 128 / new_batch, past a 10-step warmup, on a cosine to 0.
+    peak = 0.2 * new_batch / 256
+    plan_step, total = 30 * 128 // new_batch + 5, 60 * 128 // new_batch
+    expected = peak * 0.5 * (1 + np.cos(np.pi * (plan_step - 10) / (total - 10)))
+    assert records[6]["learning_rate"] == pytest.approx(expected, rel=1e-5)
+    if new_batch != 128:
+        assert "global batch changed 128 -> 64" in result.stderr
