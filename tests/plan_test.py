@@ -50,17 +50,9 @@ NUMBERS_CASES = [
     ({}, 8, 1000, 16, 1000 / 128, 600, 50),
     # Epochs and examples take precedence over total_steps (still 600 here).
     ({"total_epochs": 3.0}, 2, 12800, 64, 100.0, 300, 50),
-    (
-        {"total_epochs": 2.5, "lr.warmup_steps": 5},
-        1,
-        1000,
-        128,
-        1000 / 128,
-        round(2.5 * 1000 / 128),
-        5,
-    ),
+    ({"total_epochs": 2.5, "lr.warmup_steps": 5}, 1, 1000, 128, 7.8125, 20, 5),  # 19.53 -> 20
     ({"total_examples": 12800}, 1, 12800, 128, 100.0, 100, 50),
-    ({"total_examples": 1000, "lr.warmup_steps": 5}, 1, 12800, 128, 100.0, round(1000 / 128), 5),
+    ({"total_examples": 1000, "lr.warmup_steps": 5}, 1, 12800, 128, 100.0, 8, 5),  # 7.81 -> 8
     ({"global_batch_size": 256, "total_epochs": 4.0}, 4, 12800, 64, 50.0, 200, 50),
     # Warmup in epochs overrides lr.warmup_steps.
     ({"lr.warmup_epochs": 0.5}, 1, 12800, 128, 100.0, 600, 50),

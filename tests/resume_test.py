@@ -24,6 +24,7 @@ RUN = (
     "--config.log_every_steps=5",
     "--config.eval_every_steps=10",
     "--config.checkpoint_every_steps=20",
+    "--config.model.name=mlp",
     "--config.model.width=8",
     "--config.model.dropout_rate=0.3",
     "--config.lr.milestones=(45,)",
@@ -151,7 +152,7 @@ def test_nan_with_recover_policy_restores_and_lowers_the_lr(tmp_path, data_dir):
 def test_checkpoint_of_another_model_is_refused(tmp_path, data_dir):
     testutil.run_main(tmp_path, *RUN, "--config.total_steps=5", data_dir=data_dir)
     result = testutil.run_main(
-        tmp_path, *RUN, "--config.model.width=16", data_dir=data_dir, check=False
+        tmp_path, *RUN, "--config.model.width=4", data_dir=data_dir, check=False
     )
     assert result.returncode == 1
     assert "was written for model" in result.stderr and "new --workdir" in result.stderr

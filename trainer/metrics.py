@@ -100,7 +100,7 @@ def _truncate_after(path: str, step: int) -> None:
     kept = [line for line in lines if json.loads(line)["step"] <= step]
     if len(kept) != len(lines):
         with tf.io.gfile.GFile(path, "w") as f:
-            f.writelines(kept)
+            f.write("".join(kept))  # GFile has no writelines().
 
 
 def _format_seconds(seconds: float) -> str:
