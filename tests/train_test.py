@@ -14,10 +14,13 @@ pytestmark = pytest.mark.slow
 
 TOTAL_STEPS = 60
 WARMUP_STEPS = 20
-PEAK_LR = 0.2 * 128 / 256  # lr.base 0.2 at 256, linear rule, global batch 128.
+# lr.base 0.05 at 256, linear rule, global batch 128. A gentle LR: at the default 0.2 this MLP's
+# first steps are chaotic enough that float reduction order alone changes the 10-step mean loss.
+PEAK_LR = 0.05 * 128 / 256
 SMALL_RUN = (
     f"--config.total_steps={TOTAL_STEPS}",
     f"--config.lr.warmup_steps={WARMUP_STEPS}",
+    "--config.lr.base=0.05",
     "--config.steps_per_loop=10",
     "--config.log_every_steps=10",
     "--config.eval_every_steps=30",
@@ -86,7 +89,7 @@ def test_logged_lr_is_the_scaled_warmed_up_schedule_and_loss_falls(runs, name):
     assert records[-1]["loss"] < records[0]["loss"] - 0.1
     evals = eval_records(workdir)
     assert [r["step"] for r in evals] == [30, 60]
-    # 10 balanced classes: chance is 0.1 (std 0.007 on 2,000 examples); measured 0.155.
+    # 10 balanced classes: chance is 0.1 (std 0.007 on 2,000 examples); measured 0.149.
     assert evals[-1]["eval_accuracy"] > 0.13
 
 

@@ -55,7 +55,6 @@ def _set_determinism(config: ml_collections.ConfigDict) -> bool:
     deterministic = config.deterministic
     if deterministic is None:  # Default: on unless an accelerator is present.
         deterministic = not (tf.config.list_logical_devices("GPU") or tf.config.list_logical_devices("TPU"))
-    keras.utils.set_random_seed(config.seed)  # Weights; data and dropout have their own seeds.
     if deterministic:
         tf.config.experimental.enable_op_determinism()
     return deterministic
@@ -68,6 +67,9 @@ def _build_state(
     input_shape: tuple[int, ...],
     num_classes: int,
 ) -> _State:
+    # Seeded here, right before the weights are drawn: preparing a dataset on first use consumes
+    # global randomness, so seeding earlier made a first run start from other weights.
+    keras.utils.set_random_seed(config.seed)
     with strategy.scope():
         model = models.build_model(config.model, input_shape, num_classes, seed=config.seed)
         lr_state = lr_control.LRState(config.lr.plateau_mode)
