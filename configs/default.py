@@ -47,7 +47,9 @@ def get_config() -> ml_collections.ConfigDict:
     # A TFDS name. tfscale_shapes is embedded (generated locally, no network); others (mnist,
     # cifar10, ...) must already be prepared in data_dir.
     config.dataset.name = "tfscale_shapes"
-    config.dataset.data_dir = config_dict.placeholder(str)  # None = TFDS's default (~/tensorflow_datasets).
+    config.dataset.data_dir = config_dict.placeholder(
+        str
+    )  # None = TFDS's default (~/tensorflow_datasets).
     config.dataset.train_split = "train"
     config.dataset.eval_split = "test"
 

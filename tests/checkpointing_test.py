@@ -138,7 +138,11 @@ def test_checkpoint_of_another_model_is_refused_with_what_differs(tmp_path):
 def test_non_chief_writes_to_scratch_and_keeps_nothing(tmp_path):
     model = _model()
     checkpointer = checkpointing.Checkpointer(
-        tf.train.Checkpoint(model=model), str(tmp_path), is_chief=False, worker_index=1, max_to_keep=3
+        tf.train.Checkpoint(model=model),
+        str(tmp_path),
+        is_chief=False,
+        worker_index=1,
+        max_to_keep=3,
     )
     checkpointer.save(_manifest(model, 5))
     assert checkpointer.complete_steps() == []

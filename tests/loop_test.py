@@ -1,4 +1,4 @@
-"""The compiled inner loop: the applied LR is the logged LR, the loss is global, nothing retraces."""
+"""The compiled inner loop: the logged LR is the applied LR, the loss is global, no retracing."""
 
 import keras
 import numpy as np
@@ -62,7 +62,7 @@ def _global_batch(split, start):
 
 
 def _expected_grads(images, labels):
-    """d(mean cross-entropy)/d(kernel, bias) of a zero linear model: uniform softmax minus one-hot."""
+    """d(mean cross-entropy)/d(kernel, bias) of a zero linear model: softmax minus one-hot."""
     residual = np.full((GLOBAL_BATCH, NUM_CLASSES), 1.0 / NUM_CLASSES)
     residual[np.arange(GLOBAL_BATCH), labels] -= 1.0
     return images.T @ residual / GLOBAL_BATCH, residual.mean(axis=0)

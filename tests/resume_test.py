@@ -1,4 +1,4 @@
-"""Exact resume: interrupted runs end bitwise equal to uninterrupted ones; bad states fail loudly."""
+"""Exact resume: interrupted runs end bitwise equal to straight ones; bad states fail loudly."""
 
 import os
 import random

@@ -30,8 +30,14 @@ SMALL_RUN = (
 )
 STRATEGIES = {
     "default": ("--config.distribution.strategy=default",),
-    "mirrored2": ("--config.distribution.strategy=mirrored", "--config.distribution.cpu_replicas=2"),
-    "mirrored4": ("--config.distribution.strategy=mirrored", "--config.distribution.cpu_replicas=4"),
+    "mirrored2": (
+        "--config.distribution.strategy=mirrored",
+        "--config.distribution.cpu_replicas=2",
+    ),
+    "mirrored4": (
+        "--config.distribution.strategy=mirrored",
+        "--config.distribution.cpu_replicas=4",
+    ),
 }
 
 
@@ -65,7 +71,9 @@ def eval_records(workdir) -> list[dict]:
 @pytest.mark.parametrize("name", list(STRATEGIES))
 def test_run_leaves_its_files(runs, name):
     workdir, result = runs[name]
-    assert {"checkpoints", "metrics.jsonl", "tensorboard", "config.json"} <= set(os.listdir(workdir))
+    assert {"checkpoints", "metrics.jsonl", "tensorboard", "config.json"} <= set(
+        os.listdir(workdir)
+    )
     assert any(f.startswith("events.out.tfevents") for f in os.listdir(workdir / "tensorboard"))
     checkpoint_files = os.listdir(workdir / "checkpoints")
     assert f"ckpt-{TOTAL_STEPS}.index" in checkpoint_files

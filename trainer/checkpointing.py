@@ -39,7 +39,7 @@ class Manifest:
         if (self.model, self.model_variables) != (other.model, other.model_variables):
             differing = [
                 f"{a} vs {b}"
-                for a, b in zip(self.model_variables, other.model_variables)
+                for a, b in zip(self.model_variables, other.model_variables, strict=False)
                 if a != b
             ][:3]
             return (
@@ -86,7 +86,9 @@ class Checkpointer:
     def complete_steps(self) -> list[int]:
         """Steps whose save finished (manifest present), newest first."""
         return [
-            s for s in self._written_steps() if tf.io.gfile.exists(self._prefix(s) + ".manifest.json")
+            s
+            for s in self._written_steps()
+            if tf.io.gfile.exists(self._prefix(s) + ".manifest.json")
         ]
 
     def read_manifest(self, step: int) -> Manifest:
@@ -130,14 +132,18 @@ class Checkpointer:
             return None
         for step in written:
             if step not in complete:
-                logging.warning("ignoring %s: its save never finished (no manifest)", self._prefix(step))
+                logging.warning(
+                    "ignoring %s: its save never finished (no manifest)", self._prefix(step)
+                )
         failures = []
         for step in complete:
             try:
                 manifest = self.read_manifest(step)
             except (ValueError, TypeError, tf.errors.OpError) as error:
                 failures.append(f"ckpt-{step}: unreadable manifest ({error})")
-                logging.warning("checkpoint ckpt-%d has a damaged manifest; trying an older one", step)
+                logging.warning(
+                    "checkpoint ckpt-%d has a damaged manifest; trying an older one", step
+                )
                 continue
             problem = manifest.incompatibility(expected)
             if problem:
@@ -152,13 +158,16 @@ class Checkpointer:
             except Exception as error:  # noqa: BLE001
                 first_line = str(error).strip().splitlines()[0] if str(error).strip() else ""
                 failures.append(f"ckpt-{step}: {type(error).__name__}: {first_line}")
-                logging.warning("checkpoint ckpt-%d is damaged (%s); trying an older one", step, first_line)
+                logging.warning(
+                    "checkpoint ckpt-%d is damaged (%s); trying an older one", step, first_line
+                )
                 continue
             logging.info("restored %s", self._prefix(step))
             return manifest
         raise CheckpointError(
-            f"{self.directory} has checkpoints but none can be read ({'; '.join(failures) or 'no complete save'}); "
-            f"move the directory away to start from scratch"
+            f"{self.directory} has checkpoints but none can be read "
+            f"({'; '.join(failures) or 'no complete save'}); move the directory away to start "
+            "from scratch"
         )
 
 

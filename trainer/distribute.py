@@ -83,9 +83,7 @@ def create_strategy(distribution: ml_collections.ConfigDict) -> tf.distribute.St
     """Returns the strategy named by `distribution.strategy` (see configs/default.py)."""
     name = distribution.strategy
     if name not in STRATEGIES:
-        raise ValueError(
-            f"distribution.strategy ({name!r}) is not one of {', '.join(STRATEGIES)}"
-        )
+        raise ValueError(f"distribution.strategy ({name!r}) is not one of {', '.join(STRATEGIES)}")
     cpu_replicas = distribution.cpu_replicas
     if cpu_replicas < 0:
         raise ValueError(

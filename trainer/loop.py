@@ -61,7 +61,7 @@ def make_train_loop(
             grads = _clip_by_global_norm(grads, grad_clip_norm)
         # Read from the optimizer just before it applies: exactly the LR of this update.
         learning_rate = tf.cast(optimizer.learning_rate, tf.float32)
-        optimizer.apply_gradients(zip(grads, model.trainable_variables))
+        optimizer.apply_gradients(zip(grads, model.trainable_variables, strict=True))
         correct = tf.reduce_sum(
             tf.cast(tf.equal(tf.argmax(logits, -1, output_type=labels.dtype), labels), tf.float32)
         )
@@ -92,9 +92,13 @@ def make_eval_loop(
 ) -> Callable[[object, tf.Tensor], dict[str, tf.Tensor]]:
     """Returns `eval_loop(iterator, num_steps)` -> weighted mean loss and accuracy."""
 
-    def eval_step(images: tf.Tensor, labels: tf.Tensor, weights: tf.Tensor) -> tuple[tf.Tensor, ...]:
+    def eval_step(
+        images: tf.Tensor, labels: tf.Tensor, weights: tf.Tensor
+    ) -> tuple[tf.Tensor, ...]:
         logits = model(images, training=False)
-        correct = tf.cast(tf.equal(tf.argmax(logits, -1, output_type=labels.dtype), labels), tf.float32)
+        correct = tf.cast(
+            tf.equal(tf.argmax(logits, -1, output_type=labels.dtype), labels), tf.float32
+        )
         return (
             tf.reduce_sum(_per_example_loss(labels, logits) * weights),
             tf.reduce_sum(correct * weights),
@@ -106,7 +110,10 @@ def make_eval_loop(
         totals = [tf.constant(0.0)] * 3
         for _ in tf.range(num_steps):
             per_replica = strategy.run(eval_step, args=next(iterator))
-            totals = [t + strategy.reduce(SUM, v, axis=None) for t, v in zip(totals, per_replica)]
+            totals = [
+                t + strategy.reduce(SUM, v, axis=None)
+                for t, v in zip(totals, per_replica, strict=True)
+            ]
         loss_sum, correct_sum, count = totals
         return {"eval_loss": loss_sum / count, "eval_accuracy": correct_sum / count}
 

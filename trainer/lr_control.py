@@ -171,7 +171,7 @@ class LRController:
                 raise ValueError(value)
         except (AttributeError, TypeError, ValueError) as error:  # Not a dict, null, a list...
             raise ValueError(
-                f"{path} must hold {{\"set\": LR}} or {{\"multiply\": FACTOR}} with a positive "
+                f'{path} must hold {{"set": LR}} or {{"multiply": FACTOR}} with a positive '
                 f"number, got {text!r}; fix or delete it"
             ) from error
         tf.io.gfile.rename(path, f"{workdir}/lr_override.applied-{step}.json", overwrite=True)

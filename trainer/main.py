@@ -25,7 +25,9 @@ _USER_ERRORS = (
 )
 
 _CONFIG = config_flags.DEFINE_config_file(
-    "config", None, "A config file with get_config(); override fields with --config.FIELD=VALUE.",
+    "config",
+    None,
+    "A config file with get_config(); override fields with --config.FIELD=VALUE.",
     lock_config=True,
 )
 _WORKDIR = flags.DEFINE_string("workdir", None, "Where checkpoints, metrics and logs go.")

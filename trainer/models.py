@@ -35,7 +35,9 @@ def _residual_block(x: keras.KerasTensor, filters: int, stride: int) -> keras.Ke
     return keras.layers.ReLU()(y + shortcut)
 
 
-def _resnet_cifar(config: ml_collections.ConfigDict, inputs: keras.KerasTensor) -> keras.KerasTensor:
+def _resnet_cifar(
+    config: ml_collections.ConfigDict, inputs: keras.KerasTensor
+) -> keras.KerasTensor:
     """A ResNet-8-style network for 32x32 inputs: three stages of one residual block."""
     x = keras.layers.Conv2D(config.width, 3, padding="same", use_bias=False)(inputs)
     x = keras.layers.ReLU()(keras.layers.BatchNormalization()(x))

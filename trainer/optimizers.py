@@ -46,9 +46,7 @@ def build_optimizer(
     placeholder tensor"), and its slots would not exist yet for a restore to fill.
     """
     if config.name not in OPTIMIZERS:
-        raise ValueError(
-            f"optimizer.name ({config.name!r}) is not one of {', '.join(OPTIMIZERS)}"
-        )
+        raise ValueError(f"optimizer.name ({config.name!r}) is not one of {', '.join(OPTIMIZERS)}")
     optimizer = OPTIMIZERS[config.name](config, learning_rate)
     optimizer.build(variables)
     return optimizer

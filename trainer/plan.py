@@ -7,7 +7,6 @@ Preview a run without training (also for a topology other than this machine's):
 
 import dataclasses
 import json
-import math
 
 import ml_collections
 
@@ -136,7 +135,9 @@ def make_plan(
     if total_steps <= 0:
         raise ValueError(f"the run is {total_steps} steps long; raise total_steps/total_epochs")
     lr = config.lr
-    boundaries = tuple(_to_steps(b, lr.boundaries_unit, "lr.boundaries", facts) for b in lr.boundaries)
+    boundaries = tuple(
+        _to_steps(b, lr.boundaries_unit, "lr.boundaries", facts) for b in lr.boundaries
+    )
     milestones = tuple(
         _to_steps(m, lr.milestones_unit, "lr.milestones", facts) for m in lr.milestones
     )

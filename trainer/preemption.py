@@ -21,7 +21,9 @@ class Preempted(Exception):
     """Raised after the preemption checkpoint is written; main.py exits with EXIT_CODE_PREEMPTED."""
 
     def __init__(self, step: int):
-        super().__init__(f"preempted: checkpoint written at step {step}; rerun the same command to resume")
+        super().__init__(
+            f"preempted: checkpoint written at step {step}; rerun the same command to resume"
+        )
         self.step = step
 
 

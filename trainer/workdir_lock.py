@@ -68,7 +68,8 @@ class WorkdirLock:
             return
         raise LockError(
             f"another trainer holds {self.path} (host {holder.get('host', '?')}, pid "
-            f"{holder.get('pid', '?')}); stop it first, or delete that file if it is no longer running"
+            f"{holder.get('pid', '?')}); stop it first, or delete that file if it is no longer "
+            "running"
         )
 
     def release(self) -> None:
@@ -82,5 +83,3 @@ class WorkdirLock:
 
     def __exit__(self, *exc) -> None:
         self.release()
-
-
