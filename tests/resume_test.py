@@ -150,7 +150,7 @@ def test_nan_with_recover_policy_restores_and_lowers_the_lr(tmp_path, data_dir):
 
 
 def test_checkpoint_of_another_model_is_refused(tmp_path, data_dir):
-    testutil.run_main(tmp_path, *RUN, "--config.total_steps=5", data_dir=data_dir)
+    testutil.run_main(tmp_path, *RUN, "--config.total_steps=15", data_dir=data_dir)
     result = testutil.run_main(
         tmp_path, *RUN, "--config.model.width=4", data_dir=data_dir, check=False
     )
@@ -160,7 +160,7 @@ def test_checkpoint_of_another_model_is_refused(tmp_path, data_dir):
 
 
 def test_second_trainer_on_the_same_workdir_is_refused(tmp_path, data_dir):
-    first = start(tmp_path, data_dir)
+    first = start(tmp_path, data_dir, "--config.total_steps=100000")  # Still running later.
     try:
         wait_for_step(tmp_path, 5, first)
         second = testutil.run_main(tmp_path, *RUN, data_dir=data_dir, check=False)

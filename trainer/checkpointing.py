@@ -73,7 +73,8 @@ class Checkpointer:
             self.directory if is_chief else os.path.join(workdir, f"tmp_worker_{worker_index}")
         )
         self._max_to_keep = max_to_keep
-        tf.io.gfile.makedirs(self._write_directory)
+        if is_chief:
+            tf.io.gfile.makedirs(self.directory)
 
     def _prefix(self, step: int, directory: str | None = None) -> str:
         return os.path.join(directory or self.directory, f"ckpt-{step}")
@@ -100,7 +101,6 @@ class Checkpointer:
         prefix = self._checkpoint.write(self._prefix(manifest.step, self._write_directory))
         if not self._is_chief:
             tf.io.gfile.rmtree(self._write_directory)
-            tf.io.gfile.makedirs(self._write_directory)
             return prefix
         temporary = prefix + ".manifest.json.tmp"
         with tf.io.gfile.GFile(temporary, "w") as f:

@@ -89,9 +89,12 @@ def create_strategy(distribution: ml_collections.ConfigDict) -> tf.distribute.St
         raise ValueError(
             f"distribution.cpu_replicas ({cpu_replicas}) must be >= 0; 0 leaves the CPU whole"
         )
-    if name != "multi_worker":  # Workers each keep one CPU device; TF_CONFIG says how many.
-        configure_cpu_replicas(cpu_replicas)
-    gpus = tf.config.list_logical_devices("GPU")
+    if name == "multi_worker":  # Before anything else: collectives must be set up first.
+        return _multi_worker_strategy()
+    configure_cpu_replicas(cpu_replicas)
+    # Physical, not logical: listing logical devices starts the runtime, after which neither
+    # logical CPUs nor collectives can be configured.
+    gpus = tf.config.list_physical_devices("GPU")
     if name == "auto":
         if gpus:
             return tf.distribute.MirroredStrategy()
@@ -105,8 +108,6 @@ def create_strategy(distribution: ml_collections.ConfigDict) -> tf.distribute.St
     if name == "mirrored":
         devices = None if gpus else _cpu_device_names(max(cpu_replicas, 1))
         return tf.distribute.MirroredStrategy(devices)
-    if name == "multi_worker":
-        return _multi_worker_strategy()
     return _tpu_strategy(distribution.tpu)
 
 

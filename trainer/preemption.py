@@ -58,7 +58,7 @@ class PreemptionWatcher:
         flags = self._strategy.experimental_distribute_values_from_function(
             lambda _: tf.constant(1.0 if local else 0.0)
         )
-        return bool(self._strategy.reduce(tf.distribute.ReduceOp.MAX, flags, axis=None).numpy())
+        return bool(self._strategy.reduce(tf.distribute.ReduceOp.SUM, flags, axis=None).numpy())
 
     def close(self) -> None:
         """Restores the previous handlers."""

@@ -26,7 +26,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     """
     # 1. Strategy, data and the plan: every derived number, computed and logged once.
     setup = state_lib.prepare(config)
-    tf.io.gfile.makedirs(workdir)
+    workdir_lock.make_workdir(workdir)
     # 2. One trainer per workdir (the chief holds the lock; other workers write nothing).
     lock = workdir_lock.WorkdirLock(workdir) if setup.topology.is_chief else None
     if lock:

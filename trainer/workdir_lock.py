@@ -5,6 +5,7 @@ import os
 import socket
 import time
 
+import tensorflow as tf
 from absl import logging
 
 LOCK_FILE = "trainer.lock"
@@ -22,6 +23,17 @@ def _alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+def make_workdir(workdir: str) -> None:
+    """Creates `workdir`, turning TF's file errors into one actionable OSError."""
+    try:
+        tf.io.gfile.makedirs(workdir)
+    except tf.errors.OpError as error:
+        raise OSError(
+            f"workdir {workdir} cannot be created ({error.message}); use a --workdir you can "
+            "write to"
+        ) from error
 
 
 class WorkdirLock:
