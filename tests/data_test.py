@@ -271,6 +271,13 @@ def test_unknown_dataset_name_is_a_value_error(tmp_path):
         data.load_split(config, "train")
 
 
+def test_variable_size_images_are_refused_before_reading_anything(tmp_path):
+    config = _dataset_config("imagenet2012", str(tmp_path))
+    with pytest.raises(ValueError, match="imagenet2012.*variable-size.*trainer.plan"):
+        data.load_split(config, "train")
+    assert list(tmp_path.iterdir()) == []
+
+
 @pytest.mark.parametrize(
     "name, image_shape",
     [("mnist", (28, 28, 1)), ("cifar10", (32, 32, 3))],

@@ -64,8 +64,9 @@ def test_command_sweeps_the_applied_lr_and_leaves_the_run_alone(tmp_path, data_d
     assert rates[0] == pytest.approx(1e-4, rel=1e-5)
     # Applied LRs, read from the optimizer, grow by one constant factor per step.
     np.testing.assert_allclose(rates[1:] / rates[:-1], (1e5) ** (1 / 39), rtol=1e-4)
-    assert 1e-5 < found["suggested_lr"] < 1.0  # The loss blows up long before LR 10.
-    assert len(found["losses"]) < 40  # Stopped early at divergence.
+    # The loss gets worse long before LR 10: the suggestion sits well inside the sweep.
+    assert 1e-4 < found["suggested_lr"] < 0.1
+    assert found["smoothed"][-1] > min(found["smoothed"])
     assert (tmp_path / "lr_find" / "lr_find.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert os.listdir(checkpoints) == ["sentinel"]
     assert not (tmp_path / "metrics.jsonl").exists()

@@ -57,9 +57,22 @@ def _builder(config: ml_collections.ConfigDict) -> tfds.core.DatasetBuilder:
         ) from error
 
 
+def _check_fits_in_memory(builder: tfds.core.DatasetBuilder, name: str) -> None:
+    """Fails before reading anything if the split cannot be stacked into one host array."""
+    shape = builder.info.features["image"].shape
+    if None in shape:
+        raise ValueError(
+            f"dataset {name!r} has variable-size images {shape}; the in-memory step-indexed "
+            "pipeline needs fixed-size images and a split that fits in host memory (known limit, "
+            "see BUILD_NOTES.md: no streaming pipeline yet). Preview the run with "
+            "`python -m trainer.plan --train_examples=N`"
+        )
+
+
 def load_split(config: ml_collections.ConfigDict, split: str) -> Split:
     """Reads a whole split into memory, or fails within seconds saying how to prepare it."""
     builder = _builder(config)
+    _check_fits_in_memory(builder, config.name)
     try:
         dataset = builder.as_dataset(split=split, as_supervised=True)
     except AssertionError as error:  # tfds: "could not find data in DIR"; never downloads.

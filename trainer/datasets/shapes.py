@@ -176,10 +176,20 @@ def load_or_prepare(data_dir: str | None) -> tfds.core.DatasetBuilder:
     Preparing lazily is safe because generation is pure local numpy work (a few seconds, no
     downloads, deterministic bytes), so a missing dataset can never stall or diverge a run.
     `data_dir=None` uses TFDS's default data directory.
+
+    Several workers may prepare the same `data_dir` at once (a fresh multi-worker job): TFDS
+    writes to a temporary directory and renames it, so all but the first rename fail. The bytes
+    are identical whoever wins, so a failed rename next to a finished copy is success.
     """
     builder = TfscaleShapes(data_dir=data_dir)
-    if not builder.is_prepared():
+    if builder.is_prepared():
+        return builder
+    try:
         builder.download_and_prepare(
             download_config=tfds.download.DownloadConfig(try_download_gcs=False)
         )
+    except Exception:  # noqa: BLE001 - whatever the race raised, a finished copy settles it.
+        builder = TfscaleShapes(data_dir=data_dir)
+        if not builder.is_prepared():
+            raise
     return builder

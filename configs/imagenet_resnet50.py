@@ -1,0 +1,40 @@
+"""ResNet-50 on ImageNet, the large-batch recipe of Goyal et al. 2017.
+
+  launch/cloud_tpu_vm.sh --config=configs/imagenet_resnet50.py --workdir=gs://BUCKET/runs/r50 \
+    --config.dataset.data_dir=gs://BUCKET/tensorflow_datasets
+  python -m trainer.plan --config=configs/imagenet_resnet50.py --replicas=32 --train_examples=1281167
+
+Base LR 0.1 per 256 examples, scaled linearly to the real global batch (0.4 at 1024); 5 epochs of
+linear warmup; x0.1 at epochs 30, 60 and 80 of 90; SGD momentum 0.9, weight decay 1e-4.
+Durations are in epochs, so the same file is right on 8 or 256 replicas.
+"""
+
+import ml_collections
+
+from configs import default
+
+
+def get_config() -> ml_collections.ConfigDict:
+    config = default.get_config()
+    config.dataset.name = "imagenet2012"
+    config.dataset.eval_split = "validation"
+    config.model.name = "resnet50"
+    config.global_batch_size = 1024
+    config.total_epochs = 90.0
+    config.steps_per_loop = 500
+    config.log_every_steps = 500
+    config.eval_every_steps = 5000
+    config.checkpoint_every_steps = 5000
+    config.distribution.strategy = "tpu"
+    config.deterministic = False  # Bitwise determinism costs throughput on accelerators.
+    config.optimizer.weight_decay = 1e-4
+    config.lr.base = 0.1
+    config.lr.reference_batch_size = 256
+    config.lr.scaling = "linear"
+    config.lr.warmup = "linear"
+    config.lr.warmup_epochs = 5.0
+    config.lr.decay = "piecewise"
+    config.lr.boundaries = (30, 60, 80)
+    config.lr.boundaries_unit = "epochs"
+    config.lr.multipliers = (0.1, 0.01, 0.001)
+    return config
