@@ -21,7 +21,15 @@ def _split(num_examples: int = 64) -> data.Split:
     return data.Split(images=images, labels=labels)
 
 
-def _build(strategy, *, zero_init: bool, warmup_steps: int = 4, clip: float = 0.0, momentum=0.0):
+def _build(
+    strategy,
+    *,
+    zero_init: bool,
+    warmup_steps: int = 4,
+    clip: float = 0.0,
+    momentum: float = 0.0,
+    nan_at_update: int | None = None,
+):
     """A linear classifier trained by plain SGD under a controlled warmup schedule."""
     keras.utils.set_random_seed(0)
     with strategy.scope():
@@ -40,12 +48,14 @@ def _build(strategy, *, zero_init: bool, warmup_steps: int = 4, clip: float = 0.
         schedule = lr_control.ControlledSchedule(base, state)
         optimizer = keras.optimizers.SGD(schedule, momentum=momentum)
         optimizer.build(model.trainable_variables)
+        trigger = None if nan_at_update is None else tf.Variable(nan_at_update, dtype=tf.int64)
     train_loop = loop.make_train_loop(
         strategy=strategy,
         model=model,
         optimizer=optimizer,
         global_batch_size=GLOBAL_BATCH,
         grad_clip_norm=clip,
+        nan_trigger=trigger,
     )
     return model, optimizer, state, schedule, train_loop
 
@@ -166,17 +176,7 @@ def test_eval_loop_counts_each_example_once_with_weights():
 
 def test_nan_trigger_poisons_exactly_the_chosen_update():
     strategy = testutil.mirrored(2)
-    keras.utils.set_random_seed(0)
-    model, optimizer, _, _, _ = _build(strategy, zero_init=False)
-    with strategy.scope():
-        trigger = tf.Variable(3, dtype=tf.int64)
-    train_loop = loop.make_train_loop(
-        strategy=strategy,
-        model=model,
-        optimizer=optimizer,
-        global_batch_size=GLOBAL_BATCH,
-        nan_trigger=trigger,
-    )
+    _, _, _, _, train_loop = _build(strategy, zero_init=False, nan_at_update=3)
     iterator = _iterator(strategy, _split())
     losses = [float(train_loop(iterator, tf.constant(1))["loss"].numpy()) for _ in range(3)]
     assert np.isfinite(losses[:2]).all() and np.isnan(losses[2])

@@ -180,24 +180,29 @@ def test_unwritable_workdir_is_a_clear_error(tmp_path, data_dir):
     assert "workdir" in result.stderr.lower() and "Traceback" not in result.stderr
 
 
-@pytest.mark.parametrize("new_batch", [128, 64])
-def test_resume_on_fewer_replicas_continues_from_the_examples_seen(tmp_path, data_dir, new_batch):
+@pytest.mark.parametrize(
+    ("old_replicas", "new_replicas", "new_batch"), [(4, 2, 128), (4, 2, 64), (2, 4, 128)]
+)
+def test_resume_on_another_replica_count_continues_from_the_examples_seen(
+    tmp_path, data_dir, old_replicas, new_replicas, new_batch
+):
     plain = [f for f in RUN if "lr.milestone" not in f and "plateau" not in f]
     testutil.run_main(
         tmp_path,
         *plain,
-        "--config.distribution.cpu_replicas=4",
+        f"--config.distribution.cpu_replicas={old_replicas}",
         f"--config.total_examples={30 * 128}",
         data_dir=data_dir,
     )
     result = testutil.run_main(
         tmp_path,
         *plain,
+        f"--config.distribution.cpu_replicas={new_replicas}",
         f"--config.global_batch_size={new_batch}",
         f"--config.total_examples={60 * 128}",
         data_dir=data_dir,
     )
-    assert "replicas changed 4 -> 2" in result.stderr
+    assert f"replicas changed {old_replicas} -> {new_replicas}" in result.stderr
     records = [r for r in metrics.read_records(tmp_path) if "loss" in r]
     seen = [r["examples_seen"] for r in records]
     # No example repeated or skipped: the stream continues from the examples already seen.

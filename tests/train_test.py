@@ -118,3 +118,32 @@ def test_rerun_resumes_at_the_saved_step(runs, data_dir):
     assert f"resumed at step {TOTAL_STEPS}" in result.stderr
     steps = [r["step"] for r in train_records(workdir)]
     assert steps == list(range(10, 81, 10))  # Continues; no second step 10.
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (
+            ("--config.global_batch_size=250", "--config.distribution.cpu_replicas=4"),
+            "global_batch_size (250) is not divisible by the 4 replicas; use a multiple of 4",
+        ),
+        (("--config.lr.scaling=cubic",), "lr.scaling ('cubic') is not one of linear, sqrt, none"),
+        (("--config.lr.warmup_steps=700",), "lr.warmup_steps (700) must be smaller than"),
+        (("--config.dataset.name=mnist",), "tfds build mnist"),
+        (("--config.distribution.strategy=tpu",), "no TPU is reachable"),
+    ],
+)
+def test_bad_input_is_one_actionable_line(tmp_path, data_dir, flags, message):
+    result = testutil.run_main(tmp_path / "run", *flags, data_dir=str(tmp_path), check=False)
+    assert result.returncode == 1
+    last_line = result.stderr.strip().splitlines()[-1]
+    assert last_line.startswith("error: ") and message in last_line
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "run" / "checkpoints").exists()  # Nothing was written.
+
+
+def test_a_misspelled_config_field_fails(tmp_path, data_dir):
+    result = testutil.run_main(tmp_path, "--config.lr.bsae=0.1", data_dir=data_dir, check=False)
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines()[-1].startswith("error: no such config field 'bsae'")
+    assert "Traceback" not in result.stderr

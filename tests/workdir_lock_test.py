@@ -150,3 +150,10 @@ def test_workdir_that_cannot_exist_is_an_os_error_naming_it(tmp_path):
     with pytest.raises(OSError) as error:
         WorkdirLock(workdir).acquire()
     assert workdir in str(error.value)
+
+
+def test_remote_workdir_is_not_locked_but_says_so(caplog):
+    lock = workdir_lock.WorkdirLock("gs://bucket/run")
+    lock.acquire()
+    lock.release()
+    assert "no workdir lock on gs://bucket/run" in caplog.text

@@ -73,7 +73,7 @@ def _multi_worker_strategy() -> tf.distribute.Strategy:
     if "TF_CONFIG" not in os.environ:
         raise StrategyError(
             "distribution.strategy='multi_worker' needs the TF_CONFIG environment variable "
-            "(cluster and task); launch with launch/multi_worker_local.sh or launch/slurm.sh"
+            "(cluster and task); launch/multi_worker_local.sh sets it for workers on one machine"
         )
     json.loads(os.environ["TF_CONFIG"])  # Fails early and clearly on malformed JSON.
     return tf.distribute.MultiWorkerMirroredStrategy()

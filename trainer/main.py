@@ -34,6 +34,24 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Where checkpoints, metrics and 
 flags.mark_flags_as_required(["config", "workdir"])
 
 
+def _parse_flags(argv: list[str]) -> list[str]:
+    """absl's parser, with a misspelled `--config.FIELD` turned into one actionable line.
+
+    ml_collections raises a bare AttributeError/KeyError naming only the missing key.
+    """
+    try:
+        return flags.FLAGS(argv)
+    except (AttributeError, KeyError) as error:
+        overrides = [a.split("=")[0] for a in argv if a.startswith("--config.")]
+        while error.args and isinstance(error.args[0], Exception):  # Unwrap KeyError in Attr...
+            error = error.args[0]
+        detail = str(error.args[0] if error.args else error).replace("\n", "; ")
+        sys.exit(
+            f"error: no such config field {detail} (in {', '.join(overrides)}); every field is "
+            "defined, with a comment, in configs/default.py"
+        )
+
+
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
@@ -50,4 +68,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=_parse_flags)

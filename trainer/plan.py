@@ -9,6 +9,7 @@ import dataclasses
 import json
 
 import ml_collections
+import numpy as np
 
 from trainer import schedules
 
@@ -190,8 +191,6 @@ def key_steps(plan: Plan) -> list[int]:
 
 def lr_curve(plan: Plan, lr: ml_collections.ConfigDict) -> list[float]:
     """The base schedule's LR for updates 1..total_steps (without mid-run control changes)."""
-    import numpy as np  # Kept local: only previews need the whole curve.
-
     values = make_schedule(plan, lr)(np.arange(plan.total_steps))
     return [float(v) for v in np.asarray(values)]
 

@@ -49,6 +49,9 @@ class WorkdirLock:
         self._held = False
 
     def acquire(self) -> None:
+        if "://" in self.path:  # gs:// etc. have no atomic create-if-absent through os.open.
+            logging.warning("no workdir lock on %s: only local filesystems are locked", self.path)
+            return
         owner = {"host": socket.gethostname(), "pid": os.getpid(), "since": time.time()}
         for _ in range(2):
             try:
