@@ -24,6 +24,10 @@ def test_suggestion_is_a_tenth_of_the_lr_at_the_smoothed_minimum():
     assert lr_find.suggest(learning_rates, smoothed) == pytest.approx(learning_rates[5] / 10)
 
 
+def test_no_suggestion_from_a_flat_curve():
+    assert lr_find.suggest([1e-3, 1e-2, 1e-1], [2.30, 2.29, 2.31]) is None
+
+
 @pytest.mark.parametrize(
     ("min_lr", "max_lr", "steps"), [(0.1, 0.01, 10), (0.0, 1.0, 10), (1e-3, 1.0, 1)]
 )

@@ -42,8 +42,8 @@ class Result:
     learning_rates: list[float]
     losses: list[float]
     smoothed: list[float]
-    suggested_lr: float  # For the run's real global batch (a peak LR).
-    suggested_base_lr: float  # The same, scaled back to lr.reference_batch_size (for lr.base).
+    suggested_lr: float | None  # For the run's real global batch (a peak LR); None: no decrease.
+    suggested_base_lr: float | None  # Scaled back to lr.reference_batch_size (for lr.base).
     seconds: float
 
 
@@ -56,9 +56,16 @@ def smooth(losses: list[float], beta: float = 0.9) -> list[float]:
     return smoothed
 
 
-def suggest(learning_rates: list[float], smoothed: list[float]) -> float:
-    """One tenth of the LR at the smoothed-loss minimum: the usual, conservative reading."""
-    return learning_rates[int(np.argmin(smoothed))] / 10
+def suggest(learning_rates: list[float], smoothed: list[float]) -> float | None:
+    """One tenth of the LR at the smoothed-loss minimum: the usual, conservative reading.
+
+    None when the loss never fell by 5%: the minimum of a flat, noisy curve means nothing (a
+    model that needs a few hundred steps to start learning, swept in too few steps).
+    """
+    best = int(np.argmin(smoothed))
+    if smoothed[best] > 0.95 * smoothed[0]:
+        return None
+    return learning_rates[best] / 10
 
 
 def run(
@@ -108,7 +115,7 @@ def run(
         losses=losses,
         smoothed=smoothed,
         suggested_lr=suggested,
-        suggested_base_lr=suggested / scale,
+        suggested_base_lr=None if suggested is None else suggested / scale,
         seconds=time.monotonic() - started,
     )
     if setup.topology.is_chief:
@@ -128,7 +135,8 @@ def _write(result: Result, directory: str) -> None:
     figure, axes = pyplot.subplots(figsize=(7, 3.5))
     axes.plot(result.learning_rates, result.losses, alpha=0.3, label="loss")
     axes.plot(result.learning_rates, result.smoothed, label="smoothed")
-    axes.axvline(result.suggested_lr, color="red", linestyle="--", label="suggested")
+    if result.suggested_lr is not None:
+        axes.axvline(result.suggested_lr, color="red", linestyle="--", label="suggested")
     axes.set_xscale("log")
     axes.set_xlabel("learning rate (this global batch)")
     axes.set_ylabel("train loss")
@@ -148,6 +156,16 @@ def _main(argv: list[str]) -> None:
         max_lr=_MAX_LR.value,
         num_steps=_NUM_STEPS.value,
     )
+    written = os.path.join(_WORKDIR.value, "lr_find")
+    if result.suggested_lr is None:
+        logging.warning(
+            "lr_find | steps: %d | seconds: %.1f | the loss never fell by 5%%: no suggestion; "
+            "rerun with more --num_steps | wrote %s",
+            len(result.losses),
+            result.seconds,
+            written,
+        )
+        return
     logging.info(
         "lr_find | steps: %d | seconds: %.1f | suggested lr: %.4g (this global batch) | "
         "suggested lr.base: %.4g | wrote %s",
@@ -155,7 +173,7 @@ def _main(argv: list[str]) -> None:
         result.seconds,
         result.suggested_lr,
         result.suggested_base_lr,
-        os.path.join(_WORKDIR.value, "lr_find"),
+        written,
     )
 
 
@@ -165,8 +183,8 @@ if __name__ == "__main__":
 
     _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file.", lock_config=True)
     _WORKDIR = flags.DEFINE_string("workdir", None, "Results go to WORKDIR/lr_find/.")
-    _MIN_LR = flags.DEFINE_float("min_lr", 1e-5, "First LR of the sweep.")
+    _MIN_LR = flags.DEFINE_float("min_lr", 1e-4, "First LR of the sweep.")
     _MAX_LR = flags.DEFINE_float("max_lr", 10.0, "Last LR of the sweep.")
-    _NUM_STEPS = flags.DEFINE_integer("num_steps", 100, "Steps of the sweep.")
+    _NUM_STEPS = flags.DEFINE_integer("num_steps", 300, "Steps of the sweep.")
     flags.mark_flags_as_required(["config", "workdir"])
     app.run(_main)

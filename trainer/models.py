@@ -14,12 +14,15 @@ def _mlp(config: ml_collections.ConfigDict, inputs: keras.KerasTensor) -> keras.
 
 
 def _small_cnn(config: ml_collections.ConfigDict, inputs: keras.KerasTensor) -> keras.KerasTensor:
-    x = inputs
-    for multiplier in (1, 2):
-        x = keras.layers.Conv2D(config.width * multiplier, 3, padding="same", activation="relu")(x)
-        x = keras.layers.Conv2D(config.width * multiplier, 3, padding="same", activation="relu")(x)
-        x = keras.layers.MaxPooling2D()(x)
-    return keras.layers.GlobalAveragePooling2D()(x)
+    """Conv-conv-pool-conv-pool-dense. A dense head, not global pooling: on the shapes data it
+    reaches 95% in 200 steps where a pooled head sat at chance for 150 (where is the shape?)."""
+    x = keras.layers.Conv2D(config.width, 3, padding="same", activation="relu")(inputs)
+    x = keras.layers.Conv2D(config.width, 3, padding="same", activation="relu")(x)
+    x = keras.layers.MaxPooling2D()(x)
+    x = keras.layers.Conv2D(config.width * 2, 3, padding="same", activation="relu")(x)
+    x = keras.layers.MaxPooling2D()(x)
+    x = keras.layers.Flatten()(x)
+    return keras.layers.Dense(config.width * 4, activation="relu")(x)
 
 
 def _residual_block(x: keras.KerasTensor, filters: int, stride: int) -> keras.KerasTensor:
