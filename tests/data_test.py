@@ -1,6 +1,7 @@
 """Tests for trainer/data.py: the step-indexed train stream, replica split, eval padding, TFDS."""
 
 import time
+import types
 
 import numpy as np
 import pytest
@@ -312,6 +313,8 @@ def test_grayscale_images_without_channel_axis_get_one(monkeypatch):
     labels = np.arange(5, dtype=np.int64)
 
     class FakeBuilder:
+        info = types.SimpleNamespace(features={"image": types.SimpleNamespace(shape=(6, 6))})
+
         def as_dataset(self, split, as_supervised):
             assert split == "train" and as_supervised
             return tf.data.Dataset.from_tensor_slices((images, labels))

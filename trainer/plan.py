@@ -6,7 +6,6 @@ Preview a run without training (also for a topology other than this machine's):
 """
 
 import dataclasses
-import json
 
 import ml_collections
 import numpy as np
@@ -46,9 +45,6 @@ class Plan:
             f"{self.reference_batch_size}) | warmup steps: {self.warmup_steps} | "
             f"total steps: {self.total_steps}"
         )
-
-    def to_json(self) -> str:
-        return json.dumps(dataclasses.asdict(self), sort_keys=True)
 
 
 def _to_steps(value: float, unit: str, field: str, plan_facts: tuple[float, int]) -> int:
