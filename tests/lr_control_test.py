@@ -307,17 +307,17 @@ def test_override_file(tmp_path, request_, step, expected):
         '{"set": NaN}',
     ],
 )
-def test_malformed_override_file(tmp_path, text):
+def test_malformed_override_file_is_rejected_and_training_goes_on(tmp_path, text):
     state, _, controller = _build(_lr_config(), LINEAR)
     path = tmp_path / "lr_override.json"
     path.write_text(text)
-    with pytest.raises(ValueError, match="lr_override.json") as error:
-        controller.apply_override_file(str(tmp_path), 5)
-    message = str(error.value)
+    (message,) = controller.apply_override_file(str(tmp_path), 5)
     assert str(path) in message
     assert '{"set": LR}' in message and '{"multiply": FACTOR}' in message
-    assert _multiplier(state) == 1.0
-    assert path.exists()  # Left in place for the user to fix.
+    assert _multiplier(state) == 1.0  # The LR is untouched.
+    assert not path.exists()  # It acts once: the next loop does not report it again.
+    assert (tmp_path / "lr_override.rejected-5.json").read_text() == text
+    assert controller.apply_override_file(str(tmp_path), 10) == []
 
 
 # ---------------------------------------------------------------------------------------------

@@ -154,7 +154,9 @@ class LRController:
         """Applies `WORKDIR/lr_override.json` ({"set": lr} or {"multiply": factor}) if present.
 
         The file is renamed to `lr_override.applied-STEP.json` so it acts once and leaves a record.
-        Cost: one file-existence check per inner loop.
+        A malformed file is renamed `lr_override.rejected-STEP.json` and reported, and training
+        goes on: a typo in a hand-written file must not kill a long run. Cost: one file-existence
+        check per inner loop.
         """
         path = f"{workdir}/{OVERRIDE_FILE}"
         if not tf.io.gfile.exists(path):
@@ -169,11 +171,15 @@ class LRController:
             value = float(value)
             if not 0 < value < math.inf:
                 raise ValueError(value)
-        except (AttributeError, TypeError, ValueError) as error:  # Not a dict, null, a list...
-            raise ValueError(
+        except (AttributeError, TypeError, ValueError):  # Not a dict, null, a list...
+            rejected = f"{workdir}/lr_override.rejected-{step}.json"
+            tf.io.gfile.rename(path, rejected, overwrite=True)
+            message = (
                 f'{path} must hold {{"set": LR}} or {{"multiply": FACTOR}} with a positive '
-                f"number, got {text!r}; fix or delete it"
-            ) from error
+                f"number, got {text!r}; ignored it (kept as {rejected}), write a new one"
+            )
+            logging.error("%s", message)
+            return [message]
         tf.io.gfile.rename(path, f"{workdir}/lr_override.applied-{step}.json", overwrite=True)
         reason = f"manual override {request}"
         if action == "set":
