@@ -348,6 +348,14 @@ def test_set_where_the_schedule_is_zero_is_refused():
         controller.set(0.1, 99, "test")
 
 
+def test_override_set_where_the_schedule_is_zero_is_ignored_not_fatal(tmp_path):
+    state, _, controller = _build(_lr_config(), LINEAR)
+    (tmp_path / "lr_override.json").write_text('{"set": 0.1}')
+    (message,) = controller.apply_override_file(str(tmp_path), 99)
+    assert message.startswith("ignored manual override") and "cannot set the LR" in message
+    assert _multiplier(state) == 1.0
+
+
 @pytest.mark.parametrize("offset", [0, 7, 150])
 @pytest.mark.parametrize("multiplier", [1.0, 0.25])
 def test_step_offset_shifts_the_schedule(offset, multiplier):

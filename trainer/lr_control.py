@@ -182,6 +182,10 @@ class LRController:
             return [message]
         tf.io.gfile.rename(path, f"{workdir}/lr_override.applied-{step}.json", overwrite=True)
         reason = f"manual override {request}"
-        if action == "set":
+        if action == "multiply":
+            return [self.scale(value, step, reason)]
+        try:
             return [self.set(value, step, reason)]
-        return [self.scale(value, step, reason)]
+        except ValueError as error:  # The schedule is 0 here: nothing to scale from.
+            logging.error("ignored %s: %s", reason, error)
+            return [f"ignored {reason}: {error}"]
