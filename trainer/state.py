@@ -23,7 +23,6 @@ class Setup:
     train_split: data.Split
     eval_split: data.Split
     num_classes: int
-    deterministic: bool
 
 
 def _set_determinism(config: ml_collections.ConfigDict) -> bool:
@@ -59,7 +58,6 @@ def prepare(config: ml_collections.ConfigDict) -> Setup:
         train_split=train_split,
         eval_split=eval_split,
         num_classes=data.num_classes(config.dataset),
-        deterministic=deterministic,
     )
 
 
