@@ -67,7 +67,7 @@ def _measure(num_replicas: int, data_dir: str) -> dict:
     import tensorflow as tf
 
     from configs import default
-    from trainer import data, loop, models
+    from trainer import data, loop, models, sources
     from trainer import plan as plan_lib
     from trainer import state as state_lib
 
@@ -79,7 +79,7 @@ def _measure(num_replicas: int, data_dir: str) -> dict:
         if num_replicas > 1
         else tf.distribute.get_strategy()
     )
-    split = data.load_split(config.dataset, "train")
+    split = sources.load_split(config.dataset, "train")
     batch = config.global_batch_size
     loops = _STEPS.value // _STEPS_PER_LOOP.value
     num_steps = tf.constant(_STEPS_PER_LOOP.value)

@@ -44,14 +44,22 @@ def get_config() -> ml_collections.ConfigDict:
     config.distribution.tpu = ""  # TPU name or grpc address; "" = the TPU VM this runs on.
 
     config.dataset = ml_collections.ConfigDict()
-    # A TFDS name. tfscale_shapes is embedded (generated locally, no network); others (mnist,
-    # cifar10, ...) must already be prepared in data_dir.
+    # A TFDS name. tfscale_shapes (32x32, in memory) and tfscale_shapes_variable (32..96 px, read
+    # by index from ArrayRecord) are embedded: generated locally, no network. Others (mnist,
+    # cifar10, imagenet2012, ...) must already be prepared in data_dir; variable-size or large
+    # ones as ArrayRecord (see sources.py).
     config.dataset.name = "tfscale_shapes"
     config.dataset.data_dir = config_dict.placeholder(
         str
     )  # None = TFDS's default (~/tensorflow_datasets).
     config.dataset.train_split = "train"
     config.dataset.eval_split = "test"
+    # Images are fed at their native size unless image_size is set; then train examples get
+    # `augment` and eval examples the central center_crop_fraction, both resized to image_size.
+    # Augmentation is drawn from (seed, stream position), so resume stays exact.
+    config.dataset.image_size = config_dict.placeholder(int)
+    config.dataset.augment = "none"  # none | inception_crop (random-resized crop + flip)
+    config.dataset.center_crop_fraction = 1.0  # ImageNet: 0.875 (resize 256, crop 224).
 
     config.model = ml_collections.ConfigDict()
     config.model.name = "small_cnn"  # mlp | small_cnn | resnet_cifar | resnet50

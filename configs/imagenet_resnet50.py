@@ -2,7 +2,8 @@
 
   launch/cloud_tpu_vm.sh --config=configs/imagenet_resnet50.py --workdir=gs://BUCKET/runs/r50 \
     --config.dataset.data_dir=gs://BUCKET/tensorflow_datasets
-  python -m trainer.plan --config=configs/imagenet_resnet50.py --replicas=32 --train_examples=1281167
+  python -m trainer.plan --config=configs/imagenet_resnet50.py --replicas=32 \
+    --train_examples=1281167
 
 Base LR 0.1 per 256 examples, scaled linearly to the real global batch (0.4 at 1024); 5 epochs of
 linear warmup; x0.1 at epochs 30, 60 and 80 of 90; SGD momentum 0.9, weight decay 1e-4.
@@ -18,6 +19,9 @@ def get_config() -> ml_collections.ConfigDict:
     config = default.get_config()
     config.dataset.name = "imagenet2012"
     config.dataset.eval_split = "validation"
+    config.dataset.image_size = 224
+    config.dataset.augment = "inception_crop"
+    config.dataset.center_crop_fraction = 0.875
     config.model.name = "resnet50"
     config.global_batch_size = 1024
     config.total_epochs = 90.0

@@ -7,18 +7,18 @@ import tensorflow as tf
 import testutil
 
 from configs import default as default_config
-from trainer import data, loop, lr_control, schedules
+from trainer import data, loop, lr_control, schedules, sources
 
 NUM_CLASSES = 3
 GLOBAL_BATCH = 8
 FEATURES = 5
 
 
-def _split(num_examples: int = 64) -> data.Split:
+def _split(num_examples: int = 64) -> sources.InMemorySplit:
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, size=(num_examples, 1, 1, FEATURES), dtype=np.uint8)
     labels = rng.integers(0, NUM_CLASSES, size=num_examples).astype(np.int32)
-    return data.Split(images=images, labels=labels)
+    return sources.InMemorySplit(images=images, labels=labels)
 
 
 def _build(

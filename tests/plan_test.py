@@ -303,10 +303,10 @@ def test_cli_reads_train_examples_from_the_dataset(tmp_path):
     (summary,) = [line for line in out.splitlines() if line.startswith("plan | ")]
     assert "replicas: 1" in summary and "per-replica batch: 128" in summary
     # The split size comes from the dataset prepared in data_dir by that run.
-    from trainer import data
+    from trainer import sources
 
     dataset_config = _config(**{"dataset.data_dir": str(data_dir)}).dataset
-    train_examples = data.num_train_examples(dataset_config)
+    train_examples = sources.num_train_examples(dataset_config)
     assert train_examples > 0
     assert f"steps/epoch: {train_examples / 128:.2f}" in summary
     assert png.read_bytes().startswith(PNG_MAGIC)

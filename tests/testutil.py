@@ -22,23 +22,36 @@ def mirrored(num_replicas: int) -> tf.distribute.Strategy:
     )
 
 
-def main_command(workdir, *overrides: str, data_dir: str, module: str = "trainer.main") -> list:
+def main_command(
+    workdir,
+    *overrides: str,
+    data_dir: str,
+    module: str = "trainer.main",
+    config: str = "configs/default.py",
+) -> list:
     return [
         sys.executable,
         "-m",
         module,
-        "--config=configs/default.py",
+        f"--config={config}",
         f"--workdir={workdir}",
         f"--config.dataset.data_dir={data_dir}",
         *overrides,
     ]
 
 
-def run_main(workdir, *overrides: str, data_dir: str, timeout: int = 600, check: bool = True):
+def run_main(
+    workdir,
+    *overrides: str,
+    data_dir: str,
+    timeout: int = 600,
+    check: bool = True,
+    config: str = "configs/default.py",
+):
     """Runs `python -m trainer.main` in a fresh process, as a user would."""
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
     result = subprocess.run(
-        main_command(workdir, *overrides, data_dir=data_dir),
+        main_command(workdir, *overrides, data_dir=data_dir, config=config),
         cwd=REPO,
         env=env,
         capture_output=True,

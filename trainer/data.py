@@ -2,106 +2,21 @@
 
 Why step-indexed: TF 2.21 cannot checkpoint a distributed iterator, and `Dataset.skip` is linear in
 the position. Here the train stream is an infinite sequence of example *positions*; position p
-reads example `index_shuffle(p mod N, seed=[seed, p div N])` (a fresh permutation each epoch). A
-run that resumes after E examples simply starts the stream at E: O(1), on any strategy, with any
-global batch, with no repeated or skipped example. The cost: the split is held in memory.
+reads example `index_shuffle(p mod N, seed=[seed, p div N])` (a fresh permutation each epoch), and
+its augmentation is drawn from `[seed, p]` too (preprocessing.py). A run that resumes after E
+examples simply starts the stream at E: O(1), on any strategy, with any global batch, with no
+repeated or skipped example. It needs random access to examples, which sources.py provides (host
+memory or ArrayRecord files).
 """
 
-import dataclasses
+from collections.abc import Callable
 
-import ml_collections
-import numpy as np
 import tensorflow as tf
-import tensorflow_datasets as tfds
 
-from trainer.datasets import shapes
+from trainer import preprocessing as preprocessing_lib
+from trainer.sources import InMemorySplit, RecordSplit
 
-EMBEDDED_DATASETS = {"tfscale_shapes": shapes.load_or_prepare}
-tfds.disable_progress_bar()  # Progress bars would flood logs and CI output.
-
-
-@dataclasses.dataclass(frozen=True)
-class Split:
-    """One split held in host memory (uint8 images, int32 labels)."""
-
-    images: np.ndarray
-    labels: np.ndarray
-
-    @property
-    def num_examples(self) -> int:
-        return len(self.labels)
-
-
-def _not_prepared(config: ml_collections.ConfigDict, data_dir: str) -> FileNotFoundError:
-    return FileNotFoundError(
-        f"dataset {config.name!r} is not prepared in {data_dir}; prepare it once "
-        f"on a machine with network (`tfds build {config.name} --data_dir=DIR`, copy DIR here) "
-        "and pass --config.dataset.data_dir=DIR, or use --config.dataset.name=tfscale_shapes"
-    )
-
-
-def _builder(config: ml_collections.ConfigDict) -> tfds.core.DatasetBuilder:
-    """Returns the builder (the embedded one prepared); never downloads.
-
-    Preparation is not pre-checked with `is_prepared()`, which `tfds.testing.mock_data` does not
-    patch: reading an unprepared split fails at once in `load_split` / `num_train_examples`.
-    """
-    if config.name in EMBEDDED_DATASETS:
-        return EMBEDDED_DATASETS[config.name](config.data_dir)
-    try:
-        return tfds.builder(config.name, data_dir=config.data_dir)
-    except tfds.core.registered.DatasetNotFoundError as error:
-        raise ValueError(
-            f"dataset.name ({config.name!r}) is not a TFDS dataset; see "
-            "`tfds.list_builders()` or use tfscale_shapes"
-        ) from error
-
-
-def _check_fits_in_memory(builder: tfds.core.DatasetBuilder, name: str) -> None:
-    """Fails before reading anything if the split cannot be stacked into one host array."""
-    shape = builder.info.features["image"].shape
-    if None in shape:
-        raise ValueError(
-            f"dataset {name!r} has variable-size images {shape}; the in-memory step-indexed "
-            "pipeline needs fixed-size images and a split that fits in host memory (known limit, "
-            "see BUILD_NOTES.md: no streaming pipeline yet). Preview the run with "
-            "`python -m trainer.plan --train_examples=N`"
-        )
-
-
-def load_split(config: ml_collections.ConfigDict, split: str) -> Split:
-    """Reads a whole split into memory, or fails within seconds saying how to prepare it."""
-    builder = _builder(config)
-    _check_fits_in_memory(builder, config.name)
-    try:
-        dataset = builder.as_dataset(split=split, as_supervised=True)
-    except AssertionError as error:  # tfds: "could not find data in DIR"; never downloads.
-        raise _not_prepared(config, builder.data_dir_root) from error
-    # Chunks, not batch_size=-1: that batches by the split size in the metadata, which mocked
-    # data lacks (TF then aborts the process reserving sys.maxsize elements).
-    chunks = list(tfds.as_numpy(dataset.batch(4096)))
-    images = np.concatenate([chunk[0] for chunk in chunks])
-    labels = np.concatenate([chunk[1] for chunk in chunks])
-    if images.ndim == 3:  # Grayscale datasets without a channel axis.
-        images = images[..., None]
-    return Split(images=images.astype(np.uint8), labels=labels.astype(np.int32))
-
-
-def num_classes(config: ml_collections.ConfigDict) -> int:
-    """From the dataset's features, which TFDS knows from code even before preparation."""
-    return _builder(config).info.features["label"].num_classes
-
-
-def num_train_examples(config: ml_collections.ConfigDict) -> int:
-    """The train split's size from the dataset's metadata, without reading the data."""
-    builder = _builder(config)
-    if not builder.info.splits:  # Metadata without splits: the dataset was never generated.
-        raise _not_prepared(config, builder.data_dir_root)
-    return builder.info.splits[config.train_split].num_examples
-
-
-def _preprocess(images: tf.Tensor) -> tf.Tensor:
-    return tf.cast(images, tf.float32) * (2.0 / 255.0) - 1.0
+IDENTITY = preprocessing_lib.Preprocessing()
 
 
 def _shuffled_indices(positions: tf.Tensor, num_examples: int, seed: int) -> tf.Tensor:
@@ -150,7 +65,43 @@ def _replica_positions(
     return elements.map(positions)
 
 
-def train_dataset_fn(split: Split, *, global_batch_size: int, start_position: int, seed: int):
+def _replica_batches(
+    split: InMemorySplit | RecordSplit,
+    indexed: tf.data.Dataset,
+    transform: Callable[[tf.Tensor, tf.Tensor], tf.Tensor] | None,
+    per_replica: int,
+) -> tf.data.Dataset:
+    """(indices, positions) vectors -> (images, labels, positions) replica batches.
+
+    `transform` None: a dense split that needs only scaling, done on whole batches (fast path).
+    Otherwise each example is decoded and transformed on its own, in parallel, in a fixed order.
+    """
+    read = split.reader()
+    parallel = {"num_parallel_calls": tf.data.AUTOTUNE, "deterministic": True}
+    if transform is None:
+
+        def dense_batch(indices, positions):
+            images, labels = read(indices)
+            return preprocessing_lib.normalize(images), labels, positions
+
+        return indexed.map(dense_batch, **parallel)
+
+    def example(record, position):
+        image, label = record if split.is_dense else split.decode(record)
+        return transform(image, position), label, position
+
+    records = indexed.map(lambda indices, positions: (read(indices), positions), **parallel)
+    return records.unbatch().map(example, **parallel).batch(per_replica, drop_remainder=True)
+
+
+def train_dataset_fn(
+    split: InMemorySplit | RecordSplit,
+    *,
+    global_batch_size: int,
+    start_position: int,
+    seed: int,
+    preprocessing: preprocessing_lib.Preprocessing = IDENTITY,
+):
     """Returns a `dataset_fn` for `strategy.distribute_datasets_from_function`: endless, shuffled
     per epoch, starting at `start_position` examples into the stream."""
     if global_batch_size > split.num_examples:
@@ -158,38 +109,47 @@ def train_dataset_fn(split: Split, *, global_batch_size: int, start_position: in
             f"global_batch_size ({global_batch_size}) exceeds the {split.num_examples} train "
             "examples; use a smaller batch"
         )
+    preprocessing.output_shape(split.image_shape)  # Fails here, not in a tf.data thread.
+    fast = split.is_dense and preprocessing.is_identity
+    transform = (
+        None if fast else lambda image, position: preprocessing.train_example(image, position, seed)
+    )
 
     def dataset_fn(context: tf.distribute.InputContext) -> tf.data.Dataset:
-        images, labels = tf.constant(split.images), tf.constant(split.labels)
-
-        def batch_at(positions: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
-            indices = _shuffled_indices(positions, split.num_examples, seed)
-            return _preprocess(tf.gather(images, indices)), tf.gather(labels, indices)
-
         positions = _replica_positions(context, global_batch_size, start_position, None)
-        batches = positions.map(batch_at, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-        return batches.prefetch(tf.data.AUTOTUNE)
+        indexed = positions.map(lambda p: (_shuffled_indices(p, split.num_examples, seed), p))
+        per_replica = context.get_per_replica_batch_size(global_batch_size)
+        batches = _replica_batches(split, indexed, transform, per_replica)
+        return batches.map(lambda images, labels, _: (images, labels)).prefetch(tf.data.AUTOTUNE)
 
     return dataset_fn
 
 
-def eval_dataset_fn(split: Split, *, global_batch_size: int):
+def eval_dataset_fn(
+    split: InMemorySplit | RecordSplit,
+    *,
+    global_batch_size: int,
+    preprocessing: preprocessing_lib.Preprocessing = IDENTITY,
+):
     """Returns (`dataset_fn`, steps) covering the split once, padded to whole global batches.
 
     Padding examples carry weight 0, so every replica sees a full static-shape batch (as TPUs need)
     and the metrics count each real example exactly once.
     """
     num_steps = -(-split.num_examples // global_batch_size)
+    preprocessing.output_shape(split.image_shape)
+    fast = split.is_dense and preprocessing.is_identity
+    transform = None if fast else lambda image, _: preprocessing.eval_example(image)
 
     def dataset_fn(context: tf.distribute.InputContext) -> tf.data.Dataset:
-        images, labels = tf.constant(split.images), tf.constant(split.labels)
-
-        def batch_at(positions: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
-            weights = tf.cast(positions < split.num_examples, tf.float32)
-            indices = tf.minimum(positions, split.num_examples - 1)
-            return _preprocess(tf.gather(images, indices)), tf.gather(labels, indices), weights
-
         positions = _replica_positions(context, global_batch_size, 0, num_steps)
-        return positions.map(batch_at).prefetch(tf.data.AUTOTUNE)
+        indexed = positions.map(lambda p: (tf.minimum(p, split.num_examples - 1), p))
+        per_replica = context.get_per_replica_batch_size(global_batch_size)
+        batches = _replica_batches(split, indexed, transform, per_replica)
+
+        def weighted(images, labels, positions):
+            return images, labels, tf.cast(positions < split.num_examples, tf.float32)
+
+        return batches.map(weighted).prefetch(tf.data.AUTOTUNE)
 
     return dataset_fn, num_steps

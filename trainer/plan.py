@@ -228,9 +228,9 @@ def _main(argv: list[str]) -> None:
     config = _CONFIG.value
     train_examples = _TRAIN_EXAMPLES.value
     if train_examples is None:
-        from trainer import data
+        from trainer import sources  # TF and TFDS load only when the metadata is needed.
 
-        train_examples = data.num_train_examples(config.dataset)
+        train_examples = sources.num_train_examples(config.dataset)
     plan = make_plan(
         config,
         num_replicas=_REPLICAS.value,

@@ -9,7 +9,16 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 from absl import logging
 
-from trainer import checkpointing, data, distribute, lr_control, models, optimizers
+from trainer import (
+    checkpointing,
+    data,
+    distribute,
+    lr_control,
+    models,
+    optimizers,
+    preprocessing,
+    sources,
+)
 from trainer import plan as plan_lib
 
 
@@ -20,8 +29,10 @@ class Setup:
     strategy: tf.distribute.Strategy
     topology: distribute.Topology
     plan: plan_lib.Plan
-    train_split: data.Split
-    eval_split: data.Split
+    train_split: sources.InMemorySplit | sources.RecordSplit
+    eval_split: sources.InMemorySplit | sources.RecordSplit
+    preprocessing: preprocessing.Preprocessing
+    input_shape: tuple[int, int, int]  # What the model sees, after preprocessing.
     num_classes: int
 
 
@@ -42,8 +53,10 @@ def prepare(config: ml_collections.ConfigDict) -> Setup:
     topology = distribute.topology(strategy, config.distribution.strategy)
     plan_lib.check_config(config)
     deterministic = _set_determinism(config)
-    train_split = data.load_split(config.dataset, config.dataset.train_split)
-    eval_split = data.load_split(config.dataset, config.dataset.eval_split)
+    image_preprocessing = preprocessing.from_config(config.dataset)
+    train_split = sources.load_split(config.dataset, config.dataset.train_split)
+    eval_split = sources.load_split(config.dataset, config.dataset.eval_split)
+    input_shape = image_preprocessing.output_shape(train_split.image_shape)
     plan = plan_lib.make_plan(
         config,
         num_replicas=topology.num_replicas,
@@ -57,7 +70,9 @@ def prepare(config: ml_collections.ConfigDict) -> Setup:
         plan=plan,
         train_split=train_split,
         eval_split=eval_split,
-        num_classes=data.num_classes(config.dataset),
+        preprocessing=image_preprocessing,
+        input_shape=input_shape,
+        num_classes=sources.num_classes(config.dataset),
     )
 
 
@@ -96,7 +111,7 @@ def build_state(
     keras.utils.set_random_seed(config.seed)
     with setup.strategy.scope():
         model = models.build_model(
-            config.model, setup.train_split.images.shape[1:], setup.num_classes, seed=config.seed
+            config.model, setup.input_shape, setup.num_classes, seed=config.seed
         )
         lr_state = lr_control.LRState(config.lr.plateau_mode)
         schedule = lr_control.ControlledSchedule(base_schedule, lr_state)
@@ -144,5 +159,6 @@ def train_iterator(config: ml_collections.ConfigDict, setup: Setup, state: Train
         global_batch_size=setup.plan.global_batch_size,
         start_position=int(state.examples_seen.numpy()),
         seed=config.seed,
+        preprocessing=setup.preprocessing,
     )
     return iter(setup.strategy.distribute_datasets_from_function(dataset_fn))

@@ -146,7 +146,9 @@ def _train(config: ml_collections.ConfigDict, workdir: str, setup: state_lib.Set
     )
     eval_loop = loop.make_eval_loop(strategy=strategy, model=state.model)
     eval_fn, eval_steps = data.eval_dataset_fn(
-        setup.eval_split, global_batch_size=plan.global_batch_size
+        setup.eval_split,
+        global_batch_size=plan.global_batch_size,
+        preprocessing=setup.preprocessing,
     )
     eval_dataset = strategy.distribute_datasets_from_function(eval_fn)
 

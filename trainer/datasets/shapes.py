@@ -141,6 +141,7 @@ class TfscaleShapes(tfds.core.GeneratorBasedBuilder):
     RELEASE_NOTES: ClassVar[dict[str, str]] = {
         "1.0.0": "Initial release: 10 shape classes, 32x32x3, 12k train / 2k test.",
     }
+    FILE_FORMAT = "tfrecord"  # Fixed-size and small: loaded into memory (sources.py).
 
     def _info(self) -> tfds.core.DatasetInfo:
         return self.dataset_info_from_configs(
@@ -170,8 +171,69 @@ class TfscaleShapes(tfds.core.GeneratorBasedBuilder):
             yield index, {"image": encode_png(images[index]), "label": int(labels[index])}
 
 
+class TfscaleShapesVariable(tfds.core.GeneratorBasedBuilder):
+    """The same shapes stretched to random sizes (32 to 96 pixels a side), in ArrayRecord files.
+
+    It stands in for ImageNet offline: variable-size images that cannot be stacked in memory, read
+    by index and cropped/resized by the same code path the ResNet-50 config uses.
+    """
+
+    VERSION = tfds.core.Version("1.0.0")
+    RELEASE_NOTES: ClassVar[dict[str, str]] = {
+        "1.0.0": "Initial release: 10 shape classes, 32..96 px per side, 4k train / 1k test.",
+    }
+    SPLITS: ClassVar[dict[str, tuple[int, int]]] = {
+        "train": (4_000, 20_240_011),
+        "test": (1_000, 20_240_012),
+    }
+    FILE_FORMAT = "array_record"  # Variable-size: read by index (sources.py).
+
+    def _info(self) -> tfds.core.DatasetInfo:
+        return self.dataset_info_from_configs(
+            features=tfds.features.FeaturesDict(
+                {
+                    "image": tfds.features.Image(shape=(None, None, 3), encoding_format="png"),
+                    "label": tfds.features.ClassLabel(names=list(CLASS_NAMES)),
+                }
+            ),
+            supervised_keys=("image", "label"),
+        )
+
+    def _split_generators(self, dl_manager):
+        """Ignore dl_manager: the data is rendered, never downloaded."""
+        del dl_manager
+        return {
+            name: self._generate_examples(num_examples=num_examples, seed=seed)
+            for name, (num_examples, seed) in self.SPLITS.items()
+        }
+
+    def _generate_examples(self, num_examples: int, seed: int):
+        images, labels = render_examples(num_examples, seed)
+        sizes = np.random.default_rng(seed).integers(32, 97, size=(num_examples, 2))
+        for index in range(num_examples):
+            height, width = sizes[index]
+            # Nearest-neighbour stretch by index arrays: exact integer arithmetic, same bytes
+            # everywhere.
+            rows = np.arange(height) * IMAGE_SIZE // height
+            cols = np.arange(width) * IMAGE_SIZE // width
+            image = images[index][rows[:, None], cols[None, :]]
+            yield index, {"image": encode_png(image), "label": int(labels[index])}
+
+
 def load_or_prepare(data_dir: str | None) -> tfds.core.DatasetBuilder:
-    """Return the prepared `tfscale_shapes` builder, generating it on first use.
+    """Return the prepared `tfscale_shapes` builder, generating it on first use."""
+    return _load_or_prepare(TfscaleShapes, data_dir)
+
+
+def load_or_prepare_variable(data_dir: str | None) -> tfds.core.DatasetBuilder:
+    """Return the prepared `tfscale_shapes_variable` builder, generating it on first use."""
+    return _load_or_prepare(TfscaleShapesVariable, data_dir)
+
+
+def _load_or_prepare(
+    builder_class: type[tfds.core.GeneratorBasedBuilder], data_dir: str | None
+) -> tfds.core.DatasetBuilder:
+    """Return the prepared builder, generating the dataset on first use.
 
     Preparing lazily is safe because generation is pure local numpy work (a few seconds, no
     downloads, deterministic bytes), so a missing dataset can never stall or diverge a run.
@@ -181,15 +243,16 @@ def load_or_prepare(data_dir: str | None) -> tfds.core.DatasetBuilder:
     writes to a temporary directory and renames it, so all but the first rename fail. The bytes
     are identical whoever wins, so a failed rename next to a finished copy is success.
     """
-    builder = TfscaleShapes(data_dir=data_dir)
+    builder = builder_class(data_dir=data_dir)  # Prepared: in whatever format is on disk.
     if builder.is_prepared():
         return builder
+    builder = builder_class(data_dir=data_dir, file_format=builder_class.FILE_FORMAT)
     try:
         builder.download_and_prepare(
             download_config=tfds.download.DownloadConfig(try_download_gcs=False)
         )
     except Exception:  # noqa: BLE001 - whatever the race raised, a finished copy settles it.
-        builder = TfscaleShapes(data_dir=data_dir)
+        builder = builder_class(data_dir=data_dir, file_format=builder_class.FILE_FORMAT)
         if not builder.is_prepared():
             raise
     return builder
