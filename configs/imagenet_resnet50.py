@@ -1,13 +1,20 @@
 """ResNet-50 on ImageNet, the large-batch recipe of Goyal et al. 2017.
 
+Prepare ImageNet once as ArrayRecord (read by index: exact resume, each host reads only its
+replicas' examples; a TFRecord copy is refused with the command that converts it):
+
+  python -m trainer.datasets.build --dataset=imagenet2012 --data_dir=gs://BUCKET/tfds \
+    --file_format=array_record --manual_dir=DIR_WITH_THE_TARS
   launch/cloud_tpu_vm.sh --config=configs/imagenet_resnet50.py --workdir=gs://BUCKET/runs/r50 \
-    --config.dataset.data_dir=gs://BUCKET/tensorflow_datasets
+    --config.dataset.data_dir=gs://BUCKET/tfds
   python -m trainer.plan --config=configs/imagenet_resnet50.py --replicas=32 \
     --train_examples=1281167
 
 Base LR 0.1 per 256 examples, scaled linearly to the real global batch (0.4 at 1024); 5 epochs of
-linear warmup; x0.1 at epochs 30, 60 and 80 of 90; SGD momentum 0.9, weight decay 1e-4.
-Durations are in epochs, so the same file is right on 8 or 256 replicas.
+linear warmup; x0.1 at epochs 30, 60 and 80 of 90; SGD momentum 0.9, weight decay 1e-4; 224 px
+inception crops with flips for training, 0.875 center crops for eval. Durations are in epochs,
+so the same file is right on 8 or 256 replicas. On GPUs add
+--config.distribution.strategy=mirrored (or multi_worker).
 """
 
 import ml_collections

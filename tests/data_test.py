@@ -262,7 +262,7 @@ def test_missing_dataset_fails_fast_saying_how_to_prepare_it(tmp_path, read):
     message = str(error.value)
     assert "'mnist'" in message
     assert str(tmp_path) in message
-    assert "tfds build" in message
+    assert "python -m trainer.datasets.build --dataset=mnist" in message
     assert list(tmp_path.iterdir()) == []  # Nothing was downloaded or written.
 
 

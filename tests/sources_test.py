@@ -1,5 +1,5 @@
-"""Tests for trainer/sources.py and trainer/datasets/convert.py: which split kind a dataset gets,
-reading by index from ArrayRecord, and the refusals that say how to convert."""
+"""Tests for trainer/sources.py and trainer/datasets/{build,convert}.py: which split kind a
+dataset gets, reading by index from ArrayRecord, and the refusals that say how to convert."""
 
 import re
 import subprocess
@@ -34,6 +34,13 @@ def shapes_as_array_record(data_dir, tmp_path_factory) -> str:
 def _tfrecord_records(version_dir, split: str) -> list[bytes]:
     files = sorted(tf.io.gfile.glob(f"{version_dir}/*-{split}.tfrecord-*"))
     return list(tf.data.TFRecordDataset(files).as_numpy_iterator())
+
+
+def _run_module(module: str, *flags: str) -> None:
+    """`python -m module flags...` in a fresh process, as a user would type it."""
+    subprocess.run(
+        [sys.executable, "-m", module, *flags], cwd=testutil.REPO, check=True, timeout=300
+    )
 
 
 def test_embedded_variable_size_dataset_is_read_by_index(data_dir):
@@ -104,15 +111,19 @@ def test_unprepared_variable_size_dataset_says_to_build_it_as_array_record(tmp_p
         sources.load_split(_dataset_config("imagenet2012", str(tmp_path)), "train")
     message = str(error.value)
     assert "'imagenet2012' is not prepared in" in message
-    assert "tfds build imagenet2012 --data_dir=DIR --file_format=array_record" in message
+    assert (
+        "python -m trainer.datasets.build --dataset=imagenet2012 --data_dir=DIR "
+        "--file_format=array_record" in message
+    )
     assert list(tmp_path.iterdir()) == []  # Nothing was downloaded or written.
 
 
 def test_variable_size_tfrecord_is_refused_with_a_convert_command_that_works(tmp_path):
     """The command in the error message, run as printed, makes the dataset trainable."""
     tfrecord_dir = tmp_path / "tfrecord"
-    builder = shapes.TfscaleShapesVariable(data_dir=str(tfrecord_dir), file_format="tfrecord")
-    builder.download_and_prepare()
+    build = "trainer.datasets.build --dataset=tfscale_shapes_variable --file_format=tfrecord"
+    _run_module(*build.split(), f"--data_dir={tfrecord_dir}")
+    builder = shapes.TfscaleShapesVariable(data_dir=str(tfrecord_dir))
     config = _dataset_config("tfscale_shapes_variable", str(tfrecord_dir))
     with pytest.raises(ValueError) as error:
         sources.load_split(config, "train")
@@ -120,8 +131,7 @@ def test_variable_size_tfrecord_is_refused_with_a_convert_command_that_works(tmp
     assert "variable-size images" in message and "prepared as TFRecord" in message
     command = re.search(r"`(python -m trainer\.datasets\.convert [^`]*)`", message).group(1)
     array_record_dir = tmp_path / "array_record"
-    arguments = command.replace("NEW_DIR", str(array_record_dir)).split()[1:]
-    subprocess.run([sys.executable, *arguments], cwd=testutil.REPO, check=True, timeout=300)
+    _run_module(*command.replace("NEW_DIR", str(array_record_dir)).split()[2:])
 
     config.data_dir = str(array_record_dir)
     split = sources.load_split(config, "train")

@@ -129,7 +129,7 @@ def test_rerun_resumes_at_the_saved_step(runs, data_dir):
         ),
         (("--config.lr.scaling=cubic",), "lr.scaling ('cubic') is not one of linear, sqrt, none"),
         (("--config.lr.warmup_steps=700",), "lr.warmup_steps (700) must be smaller than"),
-        (("--config.dataset.name=mnist",), "tfds build mnist"),
+        (("--config.dataset.name=mnist",), "trainer.datasets.build --dataset=mnist"),
         (("--config.distribution.strategy=tpu",), "no TPU is reachable"),
     ],
 )

@@ -102,10 +102,10 @@ def _not_prepared(
     config: ml_collections.ConfigDict, data_dir: str, file_format: str = "tfrecord"
 ) -> FileNotFoundError:
     return FileNotFoundError(
-        f"dataset {config.name!r} is not prepared in {data_dir}; prepare it once on a machine "
-        f"with network (`tfds build {config.name} --data_dir=DIR --file_format={file_format}`, "
-        "copy DIR here) "
-        "and pass --config.dataset.data_dir=DIR, or use --config.dataset.name=tfscale_shapes"
+        f"dataset {config.name!r} is not prepared in {data_dir}; prepare it once where it can be "
+        f"downloaded (`python -m trainer.datasets.build --dataset={config.name} --data_dir=DIR "
+        f"--file_format={file_format}`, copy DIR here) and pass --config.dataset.data_dir=DIR, "
+        "or use --config.dataset.name=tfscale_shapes"
     )
 
 
