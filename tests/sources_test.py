@@ -11,7 +11,7 @@ import tensorflow as tf
 import testutil
 
 from configs import default as default_config
-from trainer import data, sources
+from trainer import data, preprocessing, sources
 from trainer.datasets import convert, shapes
 
 
@@ -71,10 +71,17 @@ def test_record_split_serves_the_same_stream_as_memory(data_dir, shapes_as_array
     assert isinstance(in_memory, sources.InMemorySplit)
     assert isinstance(records, sources.RecordSplit)
     assert records.num_examples == in_memory.num_examples
-    for start_position in (0, 1_990):  # The second spans the epoch boundary.
+    crop = preprocessing.Preprocessing(image_size=24, augment="inception_crop")
+    # The second start spans the epoch boundary; the crop takes the per-example path on both.
+    cases = ((0, data.IDENTITY), (1_990, data.IDENTITY), (0, crop))
+    for start_position, image_preprocessing in cases:
         streams = [
             data.train_dataset_fn(
-                split, global_batch_size=16, start_position=start_position, seed=4
+                split,
+                global_batch_size=16,
+                start_position=start_position,
+                seed=4,
+                preprocessing=image_preprocessing,
             )
             for split in (in_memory, records)
         ]
