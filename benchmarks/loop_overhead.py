@@ -100,7 +100,16 @@ def _measure(num_replicas: int, data_dir: str) -> dict:
     plan = plan_lib.make_plan(
         config, num_replicas=num_replicas, num_workers=1, train_examples=split.num_examples
     )
-    setup = state_lib.Setup(strategy, None, plan, split, split, 10)
+    setup = state_lib.Setup(
+        strategy=strategy,
+        topology=None,
+        plan=plan,
+        train_split=split,
+        eval_split=split,
+        preprocessing=data.IDENTITY,
+        input_shape=split.image_shape,
+        num_classes=10,
+    )
     state = state_lib.build_state(config, setup, plan_lib.make_schedule(plan, config.lr))
     trainer_loop = loop.make_train_loop(
         strategy=strategy, model=state.model, optimizer=state.optimizer, global_batch_size=batch

@@ -142,57 +142,14 @@ class TfscaleShapes(tfds.core.GeneratorBasedBuilder):
         "1.0.0": "Initial release: 10 shape classes, 32x32x3, 12k train / 2k test.",
     }
     FILE_FORMAT = "tfrecord"  # Fixed-size and small: loaded into memory (sources.py).
+    IMAGE_SHAPE: ClassVar[tuple] = (IMAGE_SIZE, IMAGE_SIZE, 3)
+    SPLITS: ClassVar[dict[str, tuple[int, int]]] = SPLITS
 
     def _info(self) -> tfds.core.DatasetInfo:
         return self.dataset_info_from_configs(
             features=tfds.features.FeaturesDict(
                 {
-                    "image": tfds.features.Image(
-                        shape=(IMAGE_SIZE, IMAGE_SIZE, 3), encoding_format="png"
-                    ),
-                    "label": tfds.features.ClassLabel(names=list(CLASS_NAMES)),
-                }
-            ),
-            supervised_keys=("image", "label"),
-        )
-
-    def _split_generators(self, dl_manager):
-        """Ignore dl_manager: the data is rendered, never downloaded."""
-        del dl_manager
-        return {
-            name: self._generate_examples(num_examples=num_examples, seed=seed)
-            for name, (num_examples, seed) in SPLITS.items()
-        }
-
-    def _generate_examples(self, num_examples: int, seed: int):
-        """Yield examples keyed by index, so TFDS's key-based shuffling is reproducible too."""
-        images, labels = render_examples(num_examples, seed)
-        for index in range(num_examples):
-            yield index, {"image": encode_png(images[index]), "label": int(labels[index])}
-
-
-class TfscaleShapesVariable(tfds.core.GeneratorBasedBuilder):
-    """The same shapes stretched to random sizes (32 to 96 pixels a side), in ArrayRecord files.
-
-    It stands in for ImageNet offline: variable-size images that cannot be stacked in memory, read
-    by index and cropped/resized by the same code path the ResNet-50 config uses.
-    """
-
-    VERSION = tfds.core.Version("1.0.0")
-    RELEASE_NOTES: ClassVar[dict[str, str]] = {
-        "1.0.0": "Initial release: 10 shape classes, 32..96 px per side, 4k train / 1k test.",
-    }
-    SPLITS: ClassVar[dict[str, tuple[int, int]]] = {
-        "train": (4_000, 20_240_011),
-        "test": (1_000, 20_240_012),
-    }
-    FILE_FORMAT = "array_record"  # Variable-size: read by index (sources.py).
-
-    def _info(self) -> tfds.core.DatasetInfo:
-        return self.dataset_info_from_configs(
-            features=tfds.features.FeaturesDict(
-                {
-                    "image": tfds.features.Image(shape=(None, None, 3), encoding_format="png"),
+                    "image": tfds.features.Image(shape=self.IMAGE_SHAPE, encoding_format="png"),
                     "label": tfds.features.ClassLabel(names=list(CLASS_NAMES)),
                 }
             ),
@@ -208,16 +165,43 @@ class TfscaleShapesVariable(tfds.core.GeneratorBasedBuilder):
         }
 
     def _generate_examples(self, num_examples: int, seed: int):
+        """Yield examples keyed by index, so TFDS's key-based shuffling is reproducible too."""
         images, labels = render_examples(num_examples, seed)
-        sizes = np.random.default_rng(seed).integers(32, 97, size=(num_examples, 2))
-        for index in range(num_examples):
-            height, width = sizes[index]
-            # Nearest-neighbour stretch by index arrays: exact integer arithmetic, same bytes
-            # everywhere.
+        for index, image in enumerate(self._sized(images, seed)):
+            yield index, {"image": encode_png(image), "label": int(labels[index])}
+
+    def _sized(self, images: np.ndarray, seed: int):
+        """The rendered images as stored: here unchanged."""
+        del seed
+        return images
+
+
+class TfscaleShapesVariable(TfscaleShapes):
+    """The same shapes stretched to random sizes (32 to 96 pixels a side), in ArrayRecord files.
+
+    It stands in for ImageNet offline: variable-size images that cannot be stacked in memory, read
+    by index and cropped/resized by the same code path the ResNet-50 config uses.
+    """
+
+    VERSION = tfds.core.Version("1.0.0")
+    RELEASE_NOTES: ClassVar[dict[str, str]] = {
+        "1.0.0": "Initial release: 10 shape classes, 32..96 px per side, 4k train / 1k test.",
+    }
+    FILE_FORMAT = "array_record"  # Variable-size: read by index (sources.py).
+    IMAGE_SHAPE: ClassVar[tuple] = (None, None, 3)
+    SPLITS: ClassVar[dict[str, tuple[int, int]]] = {
+        "train": (4_000, 20_240_011),
+        "test": (1_000, 20_240_012),
+    }
+
+    def _sized(self, images: np.ndarray, seed: int):
+        """Each image stretched to a random size, nearest neighbour by index arrays: integer
+        arithmetic only, so the bytes are the same everywhere."""
+        sizes = np.random.default_rng(seed).integers(32, 97, size=(len(images), 2))
+        for image, (height, width) in zip(images, sizes, strict=True):
             rows = np.arange(height) * IMAGE_SIZE // height
             cols = np.arange(width) * IMAGE_SIZE // width
-            image = images[index][rows[:, None], cols[None, :]]
-            yield index, {"image": encode_png(image), "label": int(labels[index])}
+            yield image[rows[:, None], cols[None, :]]
 
 
 def load_or_prepare(data_dir: str | None) -> tfds.core.DatasetBuilder:
