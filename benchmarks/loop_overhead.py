@@ -107,7 +107,6 @@ def _measure(num_replicas: int, data_dir: str) -> dict:
         train_split=split,
         eval_split=split,
         preprocessing=data.IDENTITY,
-        input_shape=split.image_shape,
         num_classes=10,
     )
     state = state_lib.build_state(config, setup, plan_lib.make_schedule(plan, config.lr))

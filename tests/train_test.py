@@ -131,6 +131,14 @@ def test_rerun_resumes_at_the_saved_step(runs, data_dir):
         (("--config.lr.warmup_steps=700",), "lr.warmup_steps (700) must be smaller than"),
         (("--config.dataset.name=mnist",), "trainer.datasets.build --dataset=mnist"),
         (("--config.distribution.strategy=tpu",), "no TPU is reachable"),
+        (
+            ("--config.dataset.name=tfscale_shapes_variable",),
+            "variable size (None, None, 3); set --config.dataset.image_size",
+        ),
+        (
+            ("--config.dataset.augment=inception_crop",),
+            "dataset.augment='inception_crop' resizes its crops to dataset.image_size",
+        ),
     ],
 )
 def test_bad_input_is_one_actionable_line(tmp_path, data_dir, flags, message):

@@ -65,6 +65,19 @@ def _replica_positions(
     return elements.map(positions)
 
 
+def _per_example_transform(
+    split: InMemorySplit | RecordSplit,
+    preprocessing: preprocessing_lib.Preprocessing,
+    transform: Callable[[tf.Tensor, tf.Tensor], tf.Tensor],
+) -> Callable[[tf.Tensor, tf.Tensor], tf.Tensor] | None:
+    """`transform`, or None when whole batches only need scaling (the fast path).
+
+    Checks the output shape now, so a bad image setting fails here and not in a tf.data thread.
+    """
+    preprocessing.output_shape(split.image_shape)
+    return None if split.is_dense and preprocessing.is_identity else transform
+
+
 def _replica_batches(
     split: InMemorySplit | RecordSplit,
     indexed: tf.data.Dataset,
@@ -87,7 +100,7 @@ def _replica_batches(
         return indexed.map(dense_batch, **parallel)
 
     def example(record, position):
-        image, label = record if split.is_dense else split.decode(record)
+        image, label = split.decode(record)
         return transform(image, position), label, position
 
     records = indexed.map(lambda indices, positions: (read(indices), positions), **parallel)
@@ -109,10 +122,10 @@ def train_dataset_fn(
             f"global_batch_size ({global_batch_size}) exceeds the {split.num_examples} train "
             "examples; use a smaller batch"
         )
-    preprocessing.output_shape(split.image_shape)  # Fails here, not in a tf.data thread.
-    fast = split.is_dense and preprocessing.is_identity
-    transform = (
-        None if fast else lambda image, position: preprocessing.train_example(image, position, seed)
+    transform = _per_example_transform(
+        split,
+        preprocessing,
+        lambda image, position: preprocessing.train_example(image, position, seed),
     )
 
     def dataset_fn(context: tf.distribute.InputContext) -> tf.data.Dataset:
@@ -137,9 +150,9 @@ def eval_dataset_fn(
     and the metrics count each real example exactly once.
     """
     num_steps = -(-split.num_examples // global_batch_size)
-    preprocessing.output_shape(split.image_shape)
-    fast = split.is_dense and preprocessing.is_identity
-    transform = None if fast else lambda image, _: preprocessing.eval_example(image)
+    transform = _per_example_transform(
+        split, preprocessing, lambda image, _: preprocessing.eval_example(image)
+    )
 
     def dataset_fn(context: tf.distribute.InputContext) -> tf.data.Dataset:
         positions = _replica_positions(context, global_batch_size, 0, num_steps)

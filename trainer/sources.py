@@ -38,7 +38,7 @@ class InMemorySplit:
     images: np.ndarray
     labels: np.ndarray
 
-    is_dense = True  # `read` returns whole image batches; no per-example decoding.
+    is_dense = True  # `read` returns whole image batches, ready for the batched fast path.
 
     @property
     def num_examples(self) -> int:
@@ -53,6 +53,10 @@ class InMemorySplit:
         images, labels = tf.constant(self.images), tf.constant(self.labels)
         return lambda indices: (tf.gather(images, indices), tf.gather(labels, indices))
 
+    def decode(self, example: tuple[tf.Tensor, tf.Tensor]) -> tuple[tf.Tensor, tf.Tensor]:
+        """One (image, label) of a read batch: already decoded."""
+        return example
+
 
 @dataclasses.dataclass(frozen=True)
 class RecordSplit:
@@ -63,7 +67,7 @@ class RecordSplit:
     image_key: str
     label_key: str
 
-    is_dense = False  # `read` returns serialized examples; `decode` each one.
+    is_dense = False  # `read` returns serialized examples, to `decode` one by one.
 
     @property
     def num_examples(self) -> int:

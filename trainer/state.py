@@ -32,8 +32,12 @@ class Setup:
     train_split: sources.InMemorySplit | sources.RecordSplit
     eval_split: sources.InMemorySplit | sources.RecordSplit
     preprocessing: preprocessing.Preprocessing
-    input_shape: tuple[int, int, int]  # What the model sees, after preprocessing.
     num_classes: int
+
+    @property
+    def input_shape(self) -> tuple[int, int, int]:
+        """What the model sees, after preprocessing."""
+        return self.preprocessing.output_shape(self.train_split.image_shape)
 
 
 def _set_determinism(config: ml_collections.ConfigDict) -> bool:
@@ -56,24 +60,26 @@ def prepare(config: ml_collections.ConfigDict) -> Setup:
     image_preprocessing = preprocessing.from_config(config.dataset)
     train_split = sources.load_split(config.dataset, config.dataset.train_split)
     eval_split = sources.load_split(config.dataset, config.dataset.eval_split)
-    input_shape = image_preprocessing.output_shape(train_split.image_shape)
     plan = plan_lib.make_plan(
         config,
         num_replicas=topology.num_replicas,
         num_workers=topology.num_workers,
         train_examples=train_split.num_examples,
     )
-    logging.info("%s | deterministic: %s", plan.summary(), deterministic)
-    return Setup(
+    setup = Setup(
         strategy=strategy,
         topology=topology,
         plan=plan,
         train_split=train_split,
         eval_split=eval_split,
         preprocessing=image_preprocessing,
-        input_shape=input_shape,
         num_classes=sources.num_classes(config.dataset),
     )
+    # `input_shape` also fails here, before any file is written, if images need an image_size.
+    logging.info(
+        "%s | input: %s | deterministic: %s", plan.summary(), setup.input_shape, deterministic
+    )
+    return setup
 
 
 @dataclasses.dataclass
