@@ -5,8 +5,9 @@
 Both loops train the same small CNN on the same step-indexed input with SGD momentum. The minimal
 loop has a float LR, no LR read, no metric accumulation. The trainer loop is `trainer.loop` with
 the `ControlledSchedule` (warmup + cosine x checkpointed multiplier). Then the whole
-`train_and_evaluate` outer loop (logging, LR control, checkpoints at the given interval) is timed
-against its own inner loop. Each timing is the median of `--repeats` runs after a warm-up call.
+`train_and_evaluate` outer loop (logging, LR control, a checkpoint every 100 steps) is timed in a
+fresh `python -m trainer.main` process against the 1-replica minimal loop. Each timing is the
+median of `--repeats` runs after a warm-up call.
 """
 
 import json

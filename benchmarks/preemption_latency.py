@@ -4,8 +4,8 @@
 
 Starts `python -m trainer.main`, sends SIGTERM at a random moment after training has begun, and
 measures until the newest manifest (the commit marker) appears and until the process exits.
-The bound is one inner loop (`steps_per_loop` steps) plus one save: the signal is honoured at the
-next loop boundary, never inside the compiled loop.
+The bound is one inner loop (`steps_per_loop` steps), an eval if one is due at that boundary,
+and one save: the signal is honoured at the next loop boundary, never inside the compiled loop.
 """
 
 import json

@@ -19,7 +19,8 @@ def get_config() -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
 
     config.seed = 0  # Seeds weights, data order and dropout.
-    # Op determinism + seeding for bitwise-reproducible runs; None = on when no GPU/TPU is used.
+    # Op determinism (runs are always seeded) for bitwise-reproducible runs; None = on when no
+    # GPU/TPU is used.
     config.deterministic = config_dict.placeholder(bool)
 
     # Examples per optimizer step, all replicas and workers together.
@@ -63,7 +64,7 @@ def get_config() -> ml_collections.ConfigDict:
 
     config.model = ml_collections.ConfigDict()
     config.model.name = "small_cnn"  # mlp | small_cnn | resnet_cifar | resnet50
-    config.model.width = 32  # Channels of the first conv stage (units of each MLP layer).
+    config.model.width = 32  # First conv stage's channels (MLP: width x 8 units; not resnet50).
     config.model.dropout_rate = 0.0  # Before the classifier; its RNG state is checkpointed.
 
     config.optimizer = ml_collections.ConfigDict()

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Trains on all GPUs of this machine (MirroredStrategy, through strategy=auto) and resumes after a
-# preemption (exit 42), e.g. on a spot VM:
+# Trains on all GPUs of this machine (MirroredStrategy, through strategy=auto; a config that sets
+# strategy=tpu, like imagenet_resnet50.py, needs --config.distribution.strategy=mirrored) and
+# resumes after a preemption (exit 42), e.g. on a spot VM:
 #
 #   launch/gpu_workstation.sh --config=configs/default.py --workdir=/data/runs/exp1
 #

@@ -6,7 +6,8 @@
 #
 # Each worker gets TF_CONFIG (cluster of 127.0.0.1 ports, its own index) and
 # --config.distribution.strategy=multi_worker. All other flags pass through unchanged. If a
-# worker exits 42 (preempted, checkpoint written) the whole job is restarted; other failures stop.
+# worker exits 42 (preempted, checkpoint written) the whole job is restarted; any other failure of
+# any worker stops it (a crash wins over a 42 from another worker).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [[ "${1:-}" != "--once" ]]; then
@@ -45,7 +46,9 @@ run_job() {
       wait "$pid" || code=$?
       kill -0 "$pid" 2>/dev/null || break
     done
-    [[ "$code" -eq 0 ]] || status="$code"
+    if [[ "$code" -ne 0 && ( "$status" -eq 0 || "$status" -eq 42 ) ]]; then
+      status="$code"
+    fi
   done
   return "$status"
 }

@@ -28,7 +28,7 @@ class Manifest:
     step: int
     examples_seen: int
     model: str  # Model name.
-    model_variables: list[list]  # [path, shape] of every model variable, in order.
+    model_variables: list[list]  # Shape of every model weight, in order.
     optimizer: str
     plan: dict
     config: dict

@@ -1,7 +1,7 @@
 """Changes the LR during training on top of the schedule, with all of its state checkpointed.
 
 Keras 3 refuses to assign the LR of an optimizer built with a schedule, and swapping a float LR
-for a schedule breaks checkpoints (see shared/TF221_NOTES.md). So the optimizer is built once with
+for a schedule breaks checkpoints (see BUILD_NOTES.md). So the optimizer is built once with
 `ControlledSchedule`: LR(step) = multiplier x base_schedule(step + step_offset). Milestones,
 reduce-on-plateau and the manual override only ever change `multiplier` between inner loops;
 `step_offset` keeps the schedule position in examples when the global batch changes on resume.

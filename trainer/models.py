@@ -1,4 +1,4 @@
-"""Small classification models chosen by name."""
+"""Classification models chosen by name, from a small MLP to ResNet-50."""
 
 from collections.abc import Callable
 
@@ -55,7 +55,7 @@ def _resnet50(config: ml_collections.ConfigDict, inputs: keras.KerasTensor) -> k
     return keras.layers.GlobalAveragePooling2D()(backbone.output)
 
 
-# Name -> function from (model config, input tensor) to pooled features.
+# Name -> function from (model config, input tensor) to the features the classifier reads.
 MODELS: dict[str, Callable[[ml_collections.ConfigDict, keras.KerasTensor], keras.KerasTensor]] = {
     "mlp": _mlp,
     "small_cnn": _small_cnn,

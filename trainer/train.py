@@ -195,7 +195,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str, setup: state_lib.Set
             step, plan_step = state.step, state.plan_step
             done = plan_step >= plan.total_steps
             events = controller.on_loop_end(plan_step)
-            if topology.num_workers == 1:  # Multi-worker: not broadcast yet (README, limits).
+            if topology.num_workers == 1:  # Multi-worker: not broadcast yet (BUILD_NOTES, limits).
                 events += controller.apply_override_file(workdir, step)
 
             if plan_step % config.log_every_steps == 0 or done:

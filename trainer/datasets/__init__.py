@@ -1,1 +1,1 @@
-"""Offline datasets that ship with tfscale as TFDS builders."""
+"""Embedded TFDS builders (shapes.py) and one-off preparation commands (build.py, convert.py)."""

@@ -1,4 +1,4 @@
-"""Procedurally generated geometric-shapes dataset, exposed as an offline TFDS builder."""
+"""Procedurally generated geometric-shapes datasets, exposed as offline TFDS builders."""
 
 import struct
 import zlib
