@@ -17,11 +17,11 @@ def _model(width: int = 4, dropout: float = 0.0) -> keras.Model:
     return keras.Sequential([*layers, keras.layers.Dense(2)])
 
 
-def _manifest(model: keras.Model, step: int, name: str = "mlp") -> checkpointing.Manifest:
+def _manifest(model: keras.Model, step: int) -> checkpointing.Manifest:
     return checkpointing.Manifest(
         step=step,
         examples_seen=step * 8,
-        model=name,
+        model="mlp",
         model_variables=[list(v.shape) for v in model.weights],
         optimizer="sgd",
         plan={},
@@ -135,7 +135,7 @@ def test_checkpoint_of_another_model_is_refused_with_what_differs(tmp_path):
         _Run(tmp_path, width=8).restore()
 
 
-def test_non_chief_writes_to_scratch_and_keeps_nothing(tmp_path):
+def test_non_chief_save_leaves_no_checkpoint_and_no_scratch(tmp_path):
     model = _model()
     checkpointer = checkpointing.Checkpointer(
         tf.train.Checkpoint(model=model),

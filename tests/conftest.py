@@ -14,5 +14,6 @@ distribute.configure_cpu_replicas(4)
 
 @pytest.fixture(scope="session")
 def data_dir(tmp_path_factory) -> str:
-    """One TFDS data_dir for the session: the embedded dataset is prepared there once."""
+    """One TFDS data_dir for the session: the first test that loads an embedded dataset there
+    prepares it, the others reuse it."""
     return str(tmp_path_factory.mktemp("tfds"))

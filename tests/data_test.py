@@ -9,7 +9,6 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 import testutil
 
-from configs import default as default_config
 from trainer import data, sources
 from trainer.datasets import shapes
 
@@ -48,18 +47,6 @@ def _positions(split, *, global_batch_size, start_position, seed, steps) -> np.n
         steps=steps,
     )
     return np.concatenate([labels for _, labels in batches])
-
-
-def _distributed_steps(strategy, dataset_fn, steps):
-    """Per step, the list of per-replica (images, labels[, weights]) numpy tuples, replica order."""
-    dataset = strategy.distribute_datasets_from_function(dataset_fn)
-    result = []
-    for step, element in enumerate(dataset):
-        if step == steps:
-            break
-        parts = [strategy.experimental_local_results(value) for value in element]
-        result.append([tuple(part[r].numpy() for part in parts) for r in range(len(parts[0]))])
-    return result
 
 
 @pytest.mark.parametrize("seed, start_position", [(0, 0), (0, 17), (5, 30), (123, 1000)])
@@ -163,7 +150,7 @@ def test_replicas_split_the_same_global_batch(num_replicas, start_position):
         dataset_fn = data.train_dataset_fn(
             split, global_batch_size=global_batch_size, start_position=start_position, seed=7
         )
-        return _distributed_steps(strategy, dataset_fn, steps)
+        return testutil.distributed_steps(strategy, dataset_fn, steps)
 
     reference = run(testutil.mirrored(1))
     replicated = run(testutil.mirrored(num_replicas))
@@ -198,7 +185,7 @@ def test_eval_covers_each_example_once_padded_with_weight_zero(num_examples, glo
     split = _indexed_split(num_examples)
     dataset_fn, num_steps = data.eval_dataset_fn(split, global_batch_size=global_batch_size)
     assert num_steps == int(np.ceil(num_examples / global_batch_size))
-    steps = _distributed_steps(testutil.mirrored(2), dataset_fn, steps=num_steps + 5)
+    steps = testutil.distributed_steps(testutil.mirrored(2), dataset_fn, steps=num_steps + 5)
     assert len(steps) == num_steps  # The eval dataset ends after one pass.
 
     labels, weights = [], []
@@ -223,16 +210,9 @@ def test_global_batch_larger_than_split_is_refused():
         data.train_dataset_fn(_indexed_split(10), global_batch_size=11, start_position=0, seed=0)
 
 
-def _dataset_config(name: str, data_dir: str):
-    config = default_config.get_config().dataset
-    config.name = name
-    config.data_dir = data_dir
-    return config
-
-
 @pytest.mark.parametrize("split_name", ["train", "test"])
 def test_embedded_dataset_loads_into_memory(data_dir, split_name):
-    config = _dataset_config("tfscale_shapes", data_dir)
+    config = testutil.dataset_config("tfscale_shapes", data_dir)
     split = sources.load_split(config, split_name)
     num_classes = sources.num_classes(config)
     assert num_classes == len(shapes.CLASS_NAMES)
@@ -253,7 +233,7 @@ def test_embedded_dataset_loads_into_memory(data_dir, split_name):
 
 @pytest.mark.parametrize("read", [sources.load_split, sources.num_train_examples])
 def test_missing_dataset_fails_fast_saying_how_to_prepare_it(tmp_path, read):
-    config = _dataset_config("mnist", str(tmp_path))
+    config = testutil.dataset_config("mnist", str(tmp_path))
     args = (config, "train") if read is sources.load_split else (config,)
     start = time.monotonic()
     with pytest.raises(FileNotFoundError) as error:
@@ -267,7 +247,7 @@ def test_missing_dataset_fails_fast_saying_how_to_prepare_it(tmp_path, read):
 
 
 def test_unknown_dataset_name_is_a_value_error(tmp_path):
-    config = _dataset_config("no_such_dataset_xyz", str(tmp_path))
+    config = testutil.dataset_config("no_such_dataset_xyz", str(tmp_path))
     with pytest.raises(ValueError, match="no_such_dataset_xyz"):
         sources.load_split(config, "train")
 
@@ -277,7 +257,7 @@ def test_unknown_dataset_name_is_a_value_error(tmp_path):
     [("mnist", (28, 28, 1)), ("cifar10", (32, 32, 3))],
 )
 def test_mocked_tfds_dataset_flows_through_the_pipeline(tmp_path, name, image_shape):
-    config = _dataset_config(name, str(tmp_path))
+    config = testutil.dataset_config(name, str(tmp_path))
     with tfds.testing.mock_data(num_examples=12):
         split = sources.load_split(config, "train")
         num_classes = sources.num_classes(config)
@@ -287,7 +267,7 @@ def test_mocked_tfds_dataset_flows_through_the_pipeline(tmp_path, name, image_sh
     assert split.labels.min() >= 0 and split.labels.max() < num_classes
 
     dataset_fn = data.train_dataset_fn(split, global_batch_size=8, start_position=0, seed=0)
-    steps = _distributed_steps(testutil.mirrored(2), dataset_fn, steps=3)
+    steps = testutil.distributed_steps(testutil.mirrored(2), dataset_fn, steps=3)
     seen = []
     for replicas in steps:
         assert len(replicas) == 2
@@ -317,7 +297,7 @@ def test_grayscale_images_without_channel_axis_get_one(monkeypatch):
             return tf.data.Dataset.from_tensor_slices((images, labels))
 
     monkeypatch.setattr(sources, "_builder", lambda config: FakeBuilder())
-    split = sources.load_split(_dataset_config("fake", "/nonexistent"), "train")
+    split = sources.load_split(testutil.dataset_config("fake", "/nonexistent"), "train")
     assert split.images.shape == (5, 6, 6, 1)
     np.testing.assert_array_equal(split.images[..., 0], images)
     np.testing.assert_array_equal(split.labels, labels)

@@ -6,16 +6,15 @@ center crops. Only the scale is overridden (batch, durations, image size, CPU re
 """
 
 import json
-import os
 import signal
-import subprocess
 
 import numpy as np
 import pytest
 import testutil
-from resume_test import checkpoint_values, logged, wait_for_step
+from testutil import assert_bitwise_equal, logged, wait_for_step
 
 from configs import imagenet_resnet50
+from trainer import preemption
 
 pytestmark = pytest.mark.slow
 
@@ -37,7 +36,6 @@ SCALE = (
     "--config.steps_per_loop=3",
     "--config.log_every_steps=3",
     "--config.eval_every_steps=9",
-    "--config.checkpoint_every_steps=9",
     "--config.max_checkpoints_to_keep=1",
 )
 
@@ -58,13 +56,14 @@ def test_the_config_keeps_the_recipe():
 
 
 def test_resnet50_trains_on_variable_size_images_read_by_index(tmp_path, data_dir):
-    testutil.run_main(tmp_path, *SCALE, data_dir=data_dir, config=CONFIG)
+    testutil.run_main(
+        tmp_path, *SCALE, "--config.checkpoint_every_steps=9", data_dir=data_dir, config=CONFIG
+    )
     peak = 0.1 * 16 / 256
     # Warmup ends at update 2; each x0.1 applies from the update after its boundary (4, 6, 8),
     # as in Keras's PiecewiseConstantDecay: update 6 is still at the first reduction.
     expected = {3: peak, 6: peak * 0.1, 9: peak * 0.001}
-    for step, lr in logged(tmp_path, "learning_rate"):
-        assert lr == pytest.approx(expected[step], rel=1e-5)
+    assert dict(logged(tmp_path, "learning_rate")) == pytest.approx(expected, rel=1e-5)
     losses = [loss for _, loss in logged(tmp_path, "loss")]
     assert len(losses) == 3 and all(np.isfinite(losses))
     assert [step for step, _ in logged(tmp_path, "eval_accuracy")] == [TOTAL]
@@ -85,18 +84,12 @@ def straight(tmp_path_factory, data_dir):
 
 def test_preempted_run_on_records_resumes_bitwise_identical(straight, tmp_path, data_dir):
     """Records, crops and flips are all a function of the position: SIGTERM changes nothing."""
-    command = testutil.main_command(tmp_path, *SCALE, *SMALL, data_dir=data_dir, config=CONFIG)
-    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
-    process = subprocess.Popen(
-        command, cwd=testutil.REPO, env=env, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL
-    )
+    process = testutil.start_main(tmp_path, *SCALE, *SMALL, data_dir=data_dir, config=CONFIG)
     wait_for_step(tmp_path, 3, process)
     process.send_signal(signal.SIGTERM)
-    assert process.wait(timeout=300) == 42
+    _, stderr = process.communicate(timeout=300)
+    assert process.returncode == preemption.EXIT_CODE_PREEMPTED, stderr[-3000:]
     assert logged(tmp_path, "loss")[-1][0] < TOTAL
     testutil.run_main(tmp_path, *SCALE, *SMALL, data_dir=data_dir, config=CONFIG)
     assert [step for step, _ in logged(tmp_path, "loss")] == [3, 6, 9]
-    a, b = checkpoint_values(straight, TOTAL), checkpoint_values(tmp_path, TOTAL)
-    assert a.keys() == b.keys() and any("examples_seen" in name for name in a)
-    for name in a:
-        np.testing.assert_array_equal(a[name], b[name], err_msg=name)
+    assert_bitwise_equal(straight, tmp_path, TOTAL, has_dropout=False)

@@ -163,14 +163,17 @@ def test_loop_length_is_a_tensor_so_nothing_retraces():
 
 def test_eval_loop_counts_each_example_once_with_weights():
     strategy = testutil.mirrored(2)
-    model, _, _, _, _ = _build(strategy, zero_init=True)
+    model, _, _, _, _ = _build(strategy, zero_init=False)  # Losses differ per example.
     split = _split(num_examples=37)  # Not a multiple of the global batch: padding is needed.
     fn, steps = data.eval_dataset_fn(split, global_batch_size=GLOBAL_BATCH)
     eval_loop = loop.make_eval_loop(strategy=strategy, model=model)
     outputs = eval_loop(iter(strategy.distribute_datasets_from_function(fn)), tf.constant(steps))
-    # A zero model predicts uniformly: loss log(C) for every example; argmax is class 0.
-    assert float(outputs["eval_loss"].numpy()) == pytest.approx(np.log(NUM_CLASSES), rel=1e-5)
-    expected_accuracy = np.mean(split.labels == 0)
+    # The mean over the 37 real examples, each once; padding (copies of the last) weighs 0.
+    logits = model(split.images.astype(np.float32) * (2 / 255) - 1, training=False).numpy()
+    log_probs = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+    expected_loss = -np.mean(log_probs[np.arange(37), split.labels])
+    assert float(outputs["eval_loss"].numpy()) == pytest.approx(expected_loss, rel=1e-5)
+    expected_accuracy = np.mean(logits.argmax(-1) == split.labels)
     assert float(outputs["eval_accuracy"].numpy()) == pytest.approx(expected_accuracy, rel=1e-5)
 
 

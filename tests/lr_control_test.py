@@ -277,12 +277,12 @@ def test_override_file(tmp_path, request_, step, expected):
     assert controller.apply_override_file(str(tmp_path), step) == []  # No file: no change.
     assert controller.lr_at(step) == pytest.approx(_linear_base(step), rel=1e-6)
     text = json.dumps(request_)
-    (tmp_path / "lr_override.json").write_text(text)
+    (tmp_path / lr_control.OVERRIDE_FILE).write_text(text)
     events = controller.apply_override_file(str(tmp_path), step)
     assert len(events) == 1
     for later in (step, step + 10, 90):
         assert controller.lr_at(later) == pytest.approx(expected(later), rel=1e-5)
-    assert not (tmp_path / "lr_override.json").exists()
+    assert not (tmp_path / lr_control.OVERRIDE_FILE).exists()
     assert (tmp_path / f"lr_override.applied-{step}.json").read_text() == text
     # Acts once: the renamed file is not applied again.
     assert controller.apply_override_file(str(tmp_path), step + 1) == []
@@ -309,7 +309,7 @@ def test_override_file(tmp_path, request_, step, expected):
 )
 def test_malformed_override_file_is_rejected_and_training_goes_on(tmp_path, text):
     state, _, controller = _build(_lr_config(), LINEAR)
-    path = tmp_path / "lr_override.json"
+    path = tmp_path / lr_control.OVERRIDE_FILE
     path.write_text(text)
     (message,) = controller.apply_override_file(str(tmp_path), 5)
     assert str(path) in message
@@ -350,7 +350,7 @@ def test_set_where_the_schedule_is_zero_is_refused():
 
 def test_override_set_where_the_schedule_is_zero_is_ignored_not_fatal(tmp_path):
     state, _, controller = _build(_lr_config(), LINEAR)
-    (tmp_path / "lr_override.json").write_text('{"set": 0.1}')
+    (tmp_path / lr_control.OVERRIDE_FILE).write_text('{"set": 0.1}')
     (message,) = controller.apply_override_file(str(tmp_path), 99)
     assert message.startswith("ignored manual override") and "cannot set the LR" in message
     assert _multiplier(state) == 1.0
@@ -447,7 +447,7 @@ def test_mirrored_state_is_the_same_on_every_replica(tmp_path):
     assert controller.lr_at(10) == pytest.approx(0.2, rel=1e-5)
     for value in (1.0, 1.0, 1.0):  # patience 2: halves on the third eval.
         controller.on_eval(20, {"eval_loss": value})
-    (tmp_path / "lr_override.json").write_text('{"multiply": 0.5}')
+    (tmp_path / lr_control.OVERRIDE_FILE).write_text('{"multiply": 0.5}')
     controller.apply_override_file(str(tmp_path), 30)
     expected = 0.2 / _linear_base(10) * 0.5 * 0.5
     assert _multiplier(state) == pytest.approx(expected, rel=1e-5)

@@ -29,12 +29,17 @@ def test_no_suggestion_from_a_flat_curve():
 
 
 @pytest.mark.parametrize(
-    ("min_lr", "max_lr", "steps"), [(0.1, 0.01, 10), (0.0, 1.0, 10), (1e-3, 1.0, 1)]
+    ("min_lr", "max_lr", "steps", "message"),
+    [
+        (0.1, 0.01, 10, r"--min_lr \(0.1\) and --max_lr \(0.01\) need 0 < min_lr < max_lr"),
+        (0.0, 1.0, 10, r"--min_lr \(0.0\) and --max_lr \(1.0\) need 0 < min_lr < max_lr"),
+        (1e-3, 1.0, 1, r"--num_steps \(1\) must be at least 2"),
+    ],
 )
-def test_bad_sweeps_are_rejected(min_lr, max_lr, steps, tmp_path):
+def test_bad_sweeps_are_rejected(min_lr, max_lr, steps, message, tmp_path):
     from configs import default as default_config
 
-    with pytest.raises(ValueError, match="min_lr|num_steps"):
+    with pytest.raises(ValueError, match=message):
         lr_find.run(
             default_config.get_config(),
             str(tmp_path),
@@ -59,7 +64,9 @@ def test_command_sweeps_the_applied_lr_and_leaves_the_run_alone(tmp_path, data_d
         data_dir=data_dir,
         module="trainer.lr_find",
     )
-    result = subprocess.run(command, cwd=testutil.REPO, capture_output=True, text=True, check=False)
+    result = subprocess.run(
+        command, cwd=testutil.REPO, env=testutil.ENV, capture_output=True, text=True, check=False
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "suggested lr.base" in result.stderr
 
@@ -71,6 +78,6 @@ def test_command_sweeps_the_applied_lr_and_leaves_the_run_alone(tmp_path, data_d
     # The loss gets worse long before LR 10: the suggestion sits well inside the sweep.
     assert 1e-4 < found["suggested_lr"] < 0.1
     assert found["smoothed"][-1] > min(found["smoothed"])
-    assert (tmp_path / "lr_find" / "lr_find.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (tmp_path / "lr_find" / "lr_find.png").read_bytes().startswith(testutil.PNG_MAGIC)
     assert os.listdir(checkpoints) == ["sentinel"]
     assert not (tmp_path / "metrics.jsonl").exists()

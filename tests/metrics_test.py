@@ -33,7 +33,7 @@ def _events(workdir):
 
 
 def _scalars(workdir, tag):
-    return [(step, value) for plugin, t, step, value in _events(workdir) if t == tag]
+    return [(step, value) for _, t, step, value in _events(workdir) if t == tag]
 
 
 def _writer(workdir, resume_step=0, enabled=True):

@@ -3,12 +3,11 @@
 import os
 import signal
 import subprocess
-import time
 
 import numpy as np
 import pytest
 import testutil
-from resume_test import assert_bitwise_equal, logged
+from testutil import assert_bitwise_equal, logged, wait_for_step
 
 pytestmark = pytest.mark.slow
 
@@ -29,12 +28,12 @@ def launch(workdir, data_dir) -> subprocess.Popen:
     command = [
         "launch/multi_worker_local.sh",
         "2",
-        *testutil.main_command(workdir, *RUN, data_dir=data_dir)[3:],
+        *testutil.main_flags(workdir, *RUN, data_dir=data_dir),
     ]
     return subprocess.Popen(
         command,
         cwd=testutil.REPO,
-        env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"},
+        env=testutil.ENV,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         text=True,
@@ -85,10 +84,7 @@ def test_sigterm_to_one_worker_checkpoints_both_and_the_launcher_resumes(
     straight, tmp_path, data_dir
 ):
     process = launch(tmp_path, data_dir)
-    deadline = time.monotonic() + 300
-    while not (tmp_path / "metrics.jsonl").exists() or not logged(tmp_path, "loss"):
-        assert time.monotonic() < deadline and process.poll() is None
-        time.sleep(0.1)
+    wait_for_step(tmp_path, 5, process)
     (worker, *_) = workers_of(tmp_path)
     os.kill(worker, signal.SIGTERM)
     _, stderr = process.communicate(timeout=600)

@@ -2,19 +2,18 @@
 
 import dataclasses
 import math
-import os
 import re
 import subprocess
 import sys
 
 import numpy as np
 import pytest
+import testutil
+from testutil import PNG_MAGIC
 
 from configs import default as default_config
 from trainer import plan as plan_lib
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+from trainer.datasets import shapes
 
 
 def _config(**fields):
@@ -55,9 +54,9 @@ NUMBERS_CASES = [
     ({"total_examples": 1000, "lr.warmup_steps": 5}, 1, 12800, 128, 100.0, 8, 5),  # 7.81 -> 8
     ({"global_batch_size": 256, "total_epochs": 4.0}, 4, 12800, 64, 50.0, 200, 50),
     # Warmup in epochs overrides lr.warmup_steps.
-    ({"lr.warmup_epochs": 0.5}, 1, 12800, 128, 100.0, 600, 50),
+    ({"lr.warmup_epochs": 0.3}, 1, 12800, 128, 100.0, 600, 30),
     ({"lr.warmup_epochs": 1.0, "lr.warmup_steps": 10}, 1, 12800, 128, 100.0, 600, 100),
-    ({"lr.warmup_epochs": 0.25, "global_batch_size": 64}, 2, 12800, 32, 200.0, 600, 50),
+    ({"lr.warmup_epochs": 0.2, "global_batch_size": 64}, 2, 12800, 32, 200.0, 600, 40),
 ]
 
 
@@ -276,10 +275,15 @@ def test_plot_writes_png(tmp_path):
 
 
 def _run_cli(*args):
-    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
     command = [sys.executable, "-m", "trainer.plan", "--config=configs/default.py", *args]
     result = subprocess.run(
-        command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300, check=False
+        command,
+        cwd=testutil.REPO,
+        env=testutil.ENV,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
     )
     assert result.returncode == 0, result.stderr[-4000:]
     return result.stdout
@@ -297,16 +301,12 @@ def test_cli_plans_for_another_topology(tmp_path):
     assert png.read_bytes().startswith(PNG_MAGIC)
 
 
-def test_cli_reads_train_examples_from_the_dataset(tmp_path):
-    data_dir, png = tmp_path / "tfds", tmp_path / "lr.png"
+def test_cli_reads_train_examples_from_the_dataset(tmp_path, data_dir):
+    png = tmp_path / "lr.png"
     out = _run_cli(f"--config.dataset.data_dir={data_dir}", f"--plot={png}")
     (summary,) = [line for line in out.splitlines() if line.startswith("plan | ")]
     assert "replicas: 1" in summary and "per-replica batch: 128" in summary
-    # The split size comes from the dataset prepared in data_dir by that run.
-    from trainer import sources
-
-    dataset_config = _config(**{"dataset.data_dir": str(data_dir)}).dataset
-    train_examples = sources.num_train_examples(dataset_config)
-    assert train_examples > 0
-    assert f"steps/epoch: {train_examples / 128:.2f}" in summary
+    # No --train_examples: the 12,000 come from the prepared dataset's metadata.
+    assert shapes.SPLITS["train"][0] == 12_000
+    assert "steps/epoch: 93.75" in summary
     assert png.read_bytes().startswith(PNG_MAGIC)

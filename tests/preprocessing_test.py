@@ -14,7 +14,7 @@ CROP = preprocessing.Preprocessing(
 
 
 def _image(height: int, width: int) -> tf.Tensor:
-    """Every pixel distinct (mod 256) so any crop or flip shows in the output."""
+    """A ramp with period 251 (prime): any crop or flip changes the output."""
     values = np.arange(height * width * 3).reshape(height, width, 3) % 251
     return tf.constant(values, tf.uint8)
 
@@ -54,6 +54,8 @@ def test_inception_crop_samples_areas_and_flips_like_the_recipe():
         areas.append(height * width / 64**2)
         flips += pixels[0, 0, 1] > pixels[0, -1, 1]  # Columns now run right to left.
     assert min(areas) < 0.2 and max(areas) > 0.8
+    # Extents read back from the resized crop lose a little at the edges (interpolation), so the
+    # recipe's 8% floor is checked with slack.
     assert all(0.05 <= area <= 1.0 for area in areas)
     assert 70 <= flips <= 130
 
@@ -63,7 +65,7 @@ def test_center_crop_takes_the_middle_of_the_shorter_side():
     # Fraction 1 of a 4-wide image: rows 2..5, all columns; resizing 4 -> 4 changes nothing.
     center = preprocessing.Preprocessing(image_size=4).eval_example(image).numpy()
     np.testing.assert_array_equal(center, preprocessing.normalize(image[2:6]).numpy())
-    # Fraction 0.5: the central 2x2 block (rows 3..4, columns 1..2), enlarged to 4x4.
+    # Fraction 0.5: the central 2x2 block (rows 3..4, columns 1..2), kept at 2x2.
     half = preprocessing.Preprocessing(image_size=2, center_crop_fraction=0.5)
     np.testing.assert_array_equal(
         half.eval_example(image).numpy(), preprocessing.normalize(image[3:5, 1:3]).numpy()
@@ -111,14 +113,8 @@ def _global_batches(split, strategy, *, start_position: int, steps: int) -> list
     dataset_fn = data.train_dataset_fn(
         split, global_batch_size=8, start_position=start_position, seed=3, preprocessing=CROP
     )
-    batches = []
-    for step, (images, _) in enumerate(strategy.distribute_datasets_from_function(dataset_fn)):
-        if step == steps:
-            break
-        batches.append(
-            np.concatenate([x.numpy() for x in strategy.experimental_local_results(images)])
-        )
-    return batches
+    per_step = testutil.distributed_steps(strategy, dataset_fn, steps)
+    return [np.concatenate([images for images, _ in replicas]) for replicas in per_step]
 
 
 def test_augmented_stream_resumes_exactly_and_agrees_across_replica_counts(variable_split):

@@ -6,6 +6,7 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+import testutil
 
 from trainer.schedules import (
     DECAY_KINDS,
@@ -271,14 +272,14 @@ def test_traces_once_in_tf_function_with_variable_step():
 def test_compiles_with_xla_in_replica_context():
     # XLA compilation stands in for TPU; strategy.run puts the call in a replica context.
     schedule = WarmupDecaySchedule(**PIECEWISE)
-    strategy = tf.distribute.get_strategy()
+    strategy = testutil.mirrored(2)
 
     @tf.function(jit_compile=True)
     def learning_rate(step):
         return schedule(step)
 
     lr = strategy.run(learning_rate, args=(tf.constant(50, tf.int64),))
-    assert float(lr) == pytest.approx(0.2)
+    assert [float(v) for v in strategy.experimental_local_results(lr)] == pytest.approx([0.2, 0.2])
 
 
 def test_optimizer_first_update_uses_first_warmup_lr():

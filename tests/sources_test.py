@@ -10,22 +10,14 @@ import pytest
 import tensorflow as tf
 import testutil
 
-from configs import default as default_config
 from trainer import data, preprocessing, sources
 from trainer.datasets import convert, shapes
-
-
-def _dataset_config(name: str, data_dir: str):
-    config = default_config.get_config().dataset
-    config.name = name
-    config.data_dir = data_dir
-    return config
 
 
 @pytest.fixture(scope="module")
 def shapes_as_array_record(data_dir, tmp_path_factory) -> str:
     """The fixed-size embedded dataset converted to ArrayRecord: same examples, other file kind."""
-    sources.load_split(_dataset_config("tfscale_shapes", data_dir), "test")  # Prepared.
+    sources.load_split(testutil.dataset_config("tfscale_shapes", data_dir), "test")  # Prepared.
     out = str(tmp_path_factory.mktemp("array_record"))
     convert.convert("tfscale_shapes", data_dir, out)
     return out
@@ -44,7 +36,7 @@ def _run_module(module: str, *flags: str) -> None:
 
 
 def test_embedded_variable_size_dataset_is_read_by_index(data_dir):
-    config = _dataset_config("tfscale_shapes_variable", data_dir)
+    config = testutil.dataset_config("tfscale_shapes_variable", data_dir)
     split = sources.load_split(config, "train")
     assert isinstance(split, sources.RecordSplit)
     assert split.num_examples == shapes.TfscaleShapesVariable.SPLITS["train"][0]
@@ -66,8 +58,10 @@ def test_embedded_variable_size_dataset_is_read_by_index(data_dir):
 
 def test_record_split_serves_the_same_stream_as_memory(data_dir, shapes_as_array_record):
     """Same examples at the same indices, so every property of the stream carries over."""
-    in_memory = sources.load_split(_dataset_config("tfscale_shapes", data_dir), "test")
-    records = sources.load_split(_dataset_config("tfscale_shapes", shapes_as_array_record), "test")
+    in_memory = sources.load_split(testutil.dataset_config("tfscale_shapes", data_dir), "test")
+    records = sources.load_split(
+        testutil.dataset_config("tfscale_shapes", shapes_as_array_record), "test"
+    )
     assert isinstance(in_memory, sources.InMemorySplit)
     assert isinstance(records, sources.RecordSplit)
     assert records.num_examples == in_memory.num_examples
@@ -106,7 +100,7 @@ def test_record_split_serves_the_same_stream_as_memory(data_dir, shapes_as_array
 def test_a_split_too_large_for_memory_is_refused_with_the_convert_command(data_dir, monkeypatch):
     monkeypatch.setattr(sources, "IN_MEMORY_LIMIT_BYTES", 1000)
     with pytest.raises(ValueError) as error:
-        sources.load_split(_dataset_config("tfscale_shapes", data_dir), "train")
+        sources.load_split(testutil.dataset_config("tfscale_shapes", data_dir), "train")
     message = str(error.value)
     assert "GiB of host memory" in message
     assert "python -m trainer.datasets.convert --dataset=tfscale_shapes" in message
@@ -115,7 +109,7 @@ def test_a_split_too_large_for_memory_is_refused_with_the_convert_command(data_d
 
 def test_unprepared_variable_size_dataset_says_to_build_it_as_array_record(tmp_path):
     with pytest.raises(FileNotFoundError) as error:
-        sources.load_split(_dataset_config("imagenet2012", str(tmp_path)), "train")
+        sources.load_split(testutil.dataset_config("imagenet2012", str(tmp_path)), "train")
     message = str(error.value)
     assert "'imagenet2012' is not prepared in" in message
     assert (
@@ -131,7 +125,7 @@ def test_variable_size_tfrecord_is_refused_with_a_convert_command_that_works(tmp
     build = "trainer.datasets.build --dataset=tfscale_shapes_variable --file_format=tfrecord"
     _run_module(*build.split(), f"--data_dir={tfrecord_dir}")
     builder = shapes.TfscaleShapesVariable(data_dir=str(tfrecord_dir))
-    config = _dataset_config("tfscale_shapes_variable", str(tfrecord_dir))
+    config = testutil.dataset_config("tfscale_shapes_variable", str(tfrecord_dir))
     with pytest.raises(ValueError) as error:
         sources.load_split(config, "train")
     message = str(error.value)

@@ -3,10 +3,18 @@
 import os
 import subprocess
 import sys
+import time
 
+import ml_collections
+import numpy as np
 import tensorflow as tf
 
+from configs import default as default_config
+from trainer import metrics
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ENV = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}  # For the subprocesses: TF's C++ logs off.
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
 def mirrored(num_replicas: int) -> tf.distribute.Strategy:
@@ -22,22 +30,47 @@ def mirrored(num_replicas: int) -> tf.distribute.Strategy:
     )
 
 
+def dataset_config(name: str, data_dir: str) -> ml_collections.ConfigDict:
+    """The default config's `dataset` part, for dataset `name` in `data_dir`."""
+    config = default_config.get_config().dataset
+    config.name = name
+    config.data_dir = data_dir
+    return config
+
+
+def distributed_steps(strategy, dataset_fn, steps):
+    """Per step, the list of per-replica (images, labels[, weights]) numpy tuples, replica order."""
+    dataset = strategy.distribute_datasets_from_function(dataset_fn)
+    result = []
+    for step, element in enumerate(dataset):
+        if step == steps:
+            break
+        parts = [strategy.experimental_local_results(value) for value in element]
+        result.append([tuple(part[r].numpy() for part in parts) for r in range(len(parts[0]))])
+    return result
+
+
+def main_flags(
+    workdir, *overrides: str, data_dir: str, config: str = "configs/default.py"
+) -> list[str]:
+    """The flags of a trainer command: config, workdir, data_dir, then `overrides`."""
+    return [
+        f"--config={config}",
+        f"--workdir={workdir}",
+        f"--config.dataset.data_dir={data_dir}",
+        *overrides,
+    ]
+
+
 def main_command(
     workdir,
     *overrides: str,
     data_dir: str,
     module: str = "trainer.main",
     config: str = "configs/default.py",
-) -> list:
-    return [
-        sys.executable,
-        "-m",
-        module,
-        f"--config={config}",
-        f"--workdir={workdir}",
-        f"--config.dataset.data_dir={data_dir}",
-        *overrides,
-    ]
+) -> list[str]:
+    flags = main_flags(workdir, *overrides, data_dir=data_dir, config=config)
+    return [sys.executable, "-m", module, *flags]
 
 
 def run_main(
@@ -49,11 +82,10 @@ def run_main(
     config: str = "configs/default.py",
 ):
     """Runs `python -m trainer.main` in a fresh process, as a user would."""
-    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
     result = subprocess.run(
         main_command(workdir, *overrides, data_dir=data_dir, config=config),
         cwd=REPO,
-        env=env,
+        env=ENV,
         capture_output=True,
         text=True,
         timeout=timeout,
@@ -62,3 +94,49 @@ def run_main(
     if check and result.returncode != 0:
         raise AssertionError(f"exit {result.returncode}\n{result.stderr[-4000:]}")
     return result
+
+
+def start_main(workdir, *overrides: str, data_dir: str, config: str = "configs/default.py"):
+    """Starts `python -m trainer.main` in the background (to signal or kill it)."""
+    return subprocess.Popen(
+        main_command(workdir, *overrides, data_dir=data_dir, config=config),
+        cwd=REPO,
+        env=ENV,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def logged(workdir, key: str) -> list[tuple[int, object]]:
+    """(step, value) of every metrics.jsonl record that has `key`."""
+    return [(r["step"], r[key]) for r in metrics.read_records(workdir) if key in r]
+
+
+def wait_for_step(workdir, step: int, process: subprocess.Popen, timeout: float = 300) -> None:
+    """Until a train record at `step` or later is logged; fails if `process` dies first."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        path = workdir / "metrics.jsonl"
+        if path.exists() and any(s >= step for s, _ in logged(workdir, "loss")):
+            return
+        assert process.poll() is None, process.stderr.read()[-3000:]
+        time.sleep(0.05)
+    raise TimeoutError(f"step {step} not reached")
+
+
+def checkpoint_values(workdir, step: int) -> dict[str, np.ndarray]:
+    reader = tf.train.load_checkpoint(str(workdir / "checkpoints" / f"ckpt-{step}"))
+    names = [n for n in reader.get_variable_to_shape_map() if "OBJECT_GRAPH" not in n]
+    return {name: reader.get_tensor(name) for name in names}
+
+
+def assert_bitwise_equal(workdir_a, workdir_b, step: int, has_dropout: bool = True) -> None:
+    """The two runs' checkpoints at `step` hold the same values, bit for bit, for all state."""
+    a, b = checkpoint_values(workdir_a, step), checkpoint_values(workdir_b, step)
+    assert a.keys() == b.keys()
+    assert any("optimizer" in n for n in a)
+    assert any("rng" in n for n in a) == has_dropout
+    assert any("lr_state" in n for n in a) and any("examples_seen" in n for n in a)
+    for name in a:
+        np.testing.assert_array_equal(a[name], b[name], err_msg=name)

@@ -3,6 +3,7 @@
 import json
 import math
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -111,8 +112,9 @@ def test_same_global_batch_agrees_across_1_2_4_replicas(runs):
         )
 
 
-def test_rerun_resumes_at_the_saved_step(runs, data_dir):
-    workdir, _ = runs["mirrored2"]
+def test_rerun_resumes_at_the_saved_step(runs, data_dir, tmp_path):
+    workdir = tmp_path / "copy"  # A copy: the other tests read the shared run as it was left.
+    shutil.copytree(runs["mirrored2"][0], workdir)
     longer = [f for f in SMALL_RUN if "total_steps" not in f] + ["--config.total_steps=80"]
     result = testutil.run_main(workdir, *longer, *STRATEGIES["mirrored2"], data_dir=data_dir)
     assert f"resumed at step {TOTAL_STEPS}" in result.stderr
@@ -141,7 +143,7 @@ def test_rerun_resumes_at_the_saved_step(runs, data_dir):
         ),
     ],
 )
-def test_bad_input_is_one_actionable_line(tmp_path, data_dir, flags, message):
+def test_bad_input_is_one_actionable_line(tmp_path, flags, message):
     result = testutil.run_main(tmp_path / "run", *flags, data_dir=str(tmp_path), check=False)
     assert result.returncode == 1
     last_line = result.stderr.strip().splitlines()[-1]

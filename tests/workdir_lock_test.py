@@ -144,12 +144,14 @@ def test_unwritable_workdir_is_a_permission_error_naming_it(tmp_path):
     assert "--workdir" in str(error.value)
 
 
-def test_workdir_that_cannot_exist_is_an_os_error_naming_it(tmp_path):
+def test_workdir_that_cannot_exist_is_an_os_error_naming_it_and_the_fix(tmp_path):
     (tmp_path / "file").write_text("a regular file, not a directory")
     workdir = str(tmp_path / "file" / "workdir")
     with pytest.raises(OSError) as error:
-        WorkdirLock(workdir).acquire()
-    assert workdir in str(error.value)
+        workdir_lock.make_workdir(workdir)
+    message = str(error.value)
+    assert message.startswith(f"workdir {workdir} cannot be created (")
+    assert message.endswith("use a --workdir you can write to")
 
 
 def test_remote_workdir_is_not_locked_but_says_so(caplog):
