@@ -113,7 +113,5 @@ def get_config() -> ml_collections.ConfigDict:
     config.nan_policy = "fail"
     config.nan_lr_factor = 0.5
     config.nan_max_recoveries = 3
-    # Test hook: make the loss NaN at this step (once per process). -1 = never.
-    config.inject_nan_at_step = -1
 
     return config

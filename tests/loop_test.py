@@ -7,7 +7,7 @@ import tensorflow as tf
 import testutil
 
 from configs import default as default_config
-from trainer import data, loop, lr_control, schedules, sources
+from trainer import data, learning_rate, loop, lr_control, lr_override, sources
 
 NUM_CLASSES = 3
 GLOBAL_BATCH = 8
@@ -28,7 +28,6 @@ def _build(
     warmup_steps: int = 4,
     clip: float = 0.0,
     momentum: float = 0.0,
-    nan_at_update: int | None = None,
 ):
     """A linear classifier trained by plain SGD under a controlled warmup schedule."""
     keras.utils.set_random_seed(0)
@@ -41,23 +40,20 @@ def _build(
                 keras.layers.Dense(NUM_CLASSES, kernel_initializer=initializer),
             ]
         )
-        state = lr_control.LRState("min")
-        base = schedules.WarmupDecaySchedule(
+        base = learning_rate.WarmupDecaySchedule(
             peak_lr=0.4, total_steps=100, warmup_steps=warmup_steps, decay_kind="cosine"
         )
-        schedule = lr_control.ControlledSchedule(base, state)
+        schedule = learning_rate.controlled_schedule(base, default_config.get_config().lr)
         optimizer = keras.optimizers.SGD(schedule, momentum=momentum)
         optimizer.build(model.trainable_variables)
-        trigger = None if nan_at_update is None else tf.Variable(nan_at_update, dtype=tf.int64)
     train_loop = loop.make_train_loop(
         strategy=strategy,
         model=model,
         optimizer=optimizer,
         global_batch_size=GLOBAL_BATCH,
         grad_clip_norm=clip,
-        nan_trigger=trigger,
     )
-    return model, optimizer, state, schedule, train_loop
+    return model, optimizer, schedule.state, schedule, train_loop
 
 
 def _iterator(strategy, split, start=0):
@@ -78,15 +74,14 @@ def _expected_grads(images, labels):
     return images.T @ residual / GLOBAL_BATCH, residual.mean(axis=0)
 
 
-def _apply_change(path, controller, workdir):
+def _apply_change(path, controller):
     if path == "milestone":
         controller.scale(0.25, 0, "test milestone")
     elif path == "plateau":
         for loss in (1.0, 1.0, 1.0):  # patience 2: the third eval without improvement reduces.
             controller.on_eval(0, {"eval_loss": loss})
     elif path == "override":
-        (workdir / lr_control.OVERRIDE_FILE).write_text('{"set": 0.03}')
-        controller.apply_override_file(str(workdir), 0)
+        controller.apply_override(lr_override.Request("set", 0.03), 0)
 
 
 # Expected LR of update 1: warmup 1/4 of the peak 0.4, times what the path did.
@@ -95,16 +90,14 @@ def _apply_change(path, controller, workdir):
     [("schedule", 0.1), ("milestone", 0.025), ("plateau", 0.05), ("override", 0.03)],
 )
 @pytest.mark.parametrize("num_replicas", [1, 2])
-def test_logged_lr_is_the_applied_lr(path, expected_lr, num_replicas, tmp_path):
+def test_logged_lr_is_the_applied_lr(path, expected_lr, num_replicas):
     strategy = testutil.mirrored(num_replicas)
     model, _, state, schedule, train_loop = _build(strategy, zero_init=True)
     lr_config = default_config.get_config().lr
     lr_config.plateau_metric = "eval_loss"
     lr_config.plateau_patience = 2
-    controller = lr_control.LRController(
-        config=lr_config, milestone_steps=(), schedule=schedule, state=state
-    )
-    _apply_change(path, controller, tmp_path)
+    controller = lr_control.LRController(config=lr_config, milestone_steps=(), schedule=schedule)
+    _apply_change(path, controller)
     split = _split()
     images, labels = _global_batch(split, 0)
 
@@ -175,11 +168,3 @@ def test_eval_loop_counts_each_example_once_with_weights():
     assert float(outputs["eval_loss"].numpy()) == pytest.approx(expected_loss, rel=1e-5)
     expected_accuracy = np.mean(logits.argmax(-1) == split.labels)
     assert float(outputs["eval_accuracy"].numpy()) == pytest.approx(expected_accuracy, rel=1e-5)
-
-
-def test_nan_trigger_poisons_exactly_the_chosen_update():
-    strategy = testutil.mirrored(2)
-    _, _, _, _, train_loop = _build(strategy, zero_init=False, nan_at_update=3)
-    iterator = _iterator(strategy, _split())
-    losses = [float(train_loop(iterator, tf.constant(1))["loss"].numpy()) for _ in range(3)]
-    assert np.isfinite(losses[:2]).all() and np.isnan(losses[2])

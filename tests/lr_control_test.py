@@ -1,6 +1,5 @@
 """Tests for trainer/lr_control.py: milestones, plateau, manual override, offset, checkpoints."""
 
-import json
 import math
 import types
 
@@ -11,7 +10,7 @@ import tensorflow as tf
 import testutil
 
 from configs import default as default_config
-from trainer import lr_control, schedules
+from trainer import learning_rate, lr_control, lr_override
 
 # Base curves with simple closed forms; the schedule is called with `step` = updates applied,
 # the update being applied is u = step + 1.
@@ -50,11 +49,12 @@ def _build(config, base_kwargs, milestone_steps=(), strategy=None):
     """A fresh state, schedule and controller, as train.py builds them."""
     strategy = strategy or tf.distribute.get_strategy()
     with strategy.scope():
-        state = lr_control.LRState(config.plateau_mode)
-    base = schedules.WarmupDecaySchedule(**base_kwargs)
-    schedule = lr_control.ControlledSchedule(base, state)
+        schedule = learning_rate.controlled_schedule(
+            learning_rate.WarmupDecaySchedule(**base_kwargs), config
+        )
+    state = schedule.state
     controller = lr_control.LRController(
-        config=config, milestone_steps=tuple(milestone_steps), schedule=schedule, state=state
+        config=config, milestone_steps=tuple(milestone_steps), schedule=schedule
     )
     return state, schedule, controller
 
@@ -260,64 +260,25 @@ def test_plateau_disabled_and_unknown_metric():
 
 
 # ---------------------------------------------------------------------------------------------
-# Manual override file
+# Manual override (the file protocol is tested in lr_override_test.py, durability in run_test.py)
 
 
 @pytest.mark.parametrize(
     ("request_", "step", "expected"),
     [
-        ({"set": 0.01}, 40, lambda t: 0.01 * _linear_base(t) / _linear_base(40)),
-        ({"set": 0.5}, 0, lambda t: 0.5 * _linear_base(t) / _linear_base(0)),
-        ({"multiply": 0.5}, 40, lambda t: 0.5 * _linear_base(t)),
-        ({"multiply": 3}, 7, lambda t: 3 * _linear_base(t)),
+        (("set", 0.01), 40, lambda t: 0.01 * _linear_base(t) / _linear_base(40)),
+        (("set", 0.5), 0, lambda t: 0.5 * _linear_base(t) / _linear_base(0)),
+        (("multiply", 0.5), 40, lambda t: 0.5 * _linear_base(t)),
+        (("multiply", 3), 7, lambda t: 3 * _linear_base(t)),
     ],
 )
-def test_override_file(tmp_path, request_, step, expected):
+def test_override(request_, step, expected):
     _, _, controller = _build(_lr_config(), LINEAR)
-    assert controller.apply_override_file(str(tmp_path), step) == []  # No file: no change.
     assert controller.lr_at(step) == pytest.approx(_linear_base(step), rel=1e-6)
-    text = json.dumps(request_)
-    (tmp_path / lr_control.OVERRIDE_FILE).write_text(text)
-    events = controller.apply_override_file(str(tmp_path), step)
-    assert len(events) == 1
+    event = controller.apply_override(lr_override.Request(*request_), step)
+    assert "manual override" in event
     for later in (step, step + 10, 90):
         assert controller.lr_at(later) == pytest.approx(expected(later), rel=1e-5)
-    assert not (tmp_path / lr_control.OVERRIDE_FILE).exists()
-    assert (tmp_path / f"lr_override.applied-{step}.json").read_text() == text
-    # Acts once: the renamed file is not applied again.
-    assert controller.apply_override_file(str(tmp_path), step + 1) == []
-    assert controller.lr_at(90) == pytest.approx(expected(90), rel=1e-5)
-
-
-@pytest.mark.parametrize(
-    "text",
-    [
-        "0.01",
-        "not json",
-        "",
-        '{"scale": 2}',
-        '{"set": 0.1, "multiply": 2}',
-        "{}",
-        '{"set": "fast"}',
-        '{"set": null}',
-        '{"multiply": [0.5]}',
-        '["set", 0.1]',
-        '{"set": -0.1}',
-        '{"multiply": 0}',
-        '{"set": NaN}',
-    ],
-)
-def test_malformed_override_file_is_rejected_and_training_goes_on(tmp_path, text):
-    state, _, controller = _build(_lr_config(), LINEAR)
-    path = tmp_path / lr_control.OVERRIDE_FILE
-    path.write_text(text)
-    (message,) = controller.apply_override_file(str(tmp_path), 5)
-    assert str(path) in message
-    assert '{"set": LR}' in message and '{"multiply": FACTOR}' in message
-    assert _multiplier(state) == 1.0  # The LR is untouched.
-    assert not path.exists()  # It acts once: the next loop does not report it again.
-    assert (tmp_path / "lr_override.rejected-5.json").read_text() == text
-    assert controller.apply_override_file(str(tmp_path), 10) == []
 
 
 # ---------------------------------------------------------------------------------------------
@@ -327,9 +288,8 @@ def test_malformed_override_file_is_rejected_and_training_goes_on(tmp_path, text
 @pytest.mark.parametrize(
     ("target", "set_step", "later_steps"),
     [
-        (0.05, 10, [10, 19, 20, 50, 150, 199]),  # Set during warmup: the warmup ramp continues.
-        (0.05, 19, [19, 60, 199]),
-        (2.0, 100, [100, 101, 150, 199, 300]),
+        (0.05, 19, [19, 60, 199]),  # Set at the peak.
+        (2.0, 100, [100, 101, 150, 199, 300]),  # Set during the decay.
         (0.001, 150, [150, 180, 199]),
     ],
 )
@@ -342,17 +302,33 @@ def test_set_composes_with_the_schedule(target, set_step, later_steps):
         assert controller.lr_at(step) == pytest.approx(expected, rel=1e-5)
 
 
+@pytest.mark.parametrize(("target", "set_step"), [(0.05, 0), (0.05, 10), (0.5, 18), (3.0, 9)])
+def test_set_during_warmup_holds_the_value_then_decays_from_it(target, set_step):
+    """ "Set the LR to X" during warmup: X from the next update on, the rest of the ramp skipped,
+    then the schedule's decay scaled so that its peak is X; never above X."""
+    _, schedule, controller = _build(_lr_config(), COSINE)
+    controller.set(target, set_step, "test")
+    steps = np.arange(set_step, 220)
+    curve = schedule(steps).numpy()
+    expected = [target if s < 19 else target * _cosine_base(s) for s in steps]
+    np.testing.assert_allclose(curve, expected, rtol=1e-5)
+    assert curve.max() <= target * (1 + 1e-6)
+    # A later multiply scales the held value and the decay alike.
+    controller.scale(0.5, set_step + 1, "test")
+    assert controller.lr_at(set_step + 1) == pytest.approx(target / 2, rel=1e-5)
+    assert controller.lr_at(100) == pytest.approx(target / 2 * _cosine_base(100), rel=1e-5)
+
+
 def test_set_where_the_schedule_is_zero_is_refused():
     _, _, controller = _build(_lr_config(), LINEAR)
     with pytest.raises(ValueError, match=r"cannot set the LR to 0\.1 at step 99.*multiplying"):
         controller.set(0.1, 99, "test")
 
 
-def test_override_set_where_the_schedule_is_zero_is_ignored_not_fatal(tmp_path):
+def test_override_set_where_the_schedule_is_zero_is_refused():
     state, _, controller = _build(_lr_config(), LINEAR)
-    (tmp_path / lr_control.OVERRIDE_FILE).write_text('{"set": 0.1}')
-    (message,) = controller.apply_override_file(str(tmp_path), 99)
-    assert message.startswith("ignored manual override") and "cannot set the LR" in message
+    with pytest.raises(ValueError, match="cannot set the LR"):
+        controller.apply_override(lr_override.Request("set", 0.1), 99)
     assert _multiplier(state) == 1.0
 
 
@@ -403,7 +379,14 @@ def _drive(controller, state, index):
 
 
 def _variables(state):
-    names = ("multiplier", "step_offset", "plateau_best", "plateau_wait", "plateau_cooldown")
+    names = (
+        "multiplier",
+        "step_offset",
+        "floor",
+        "plateau_best",
+        "plateau_wait",
+        "plateau_cooldown",
+    )
     return {n: getattr(state, n).numpy() for n in (*names, "milestones_done")}
 
 
@@ -447,8 +430,7 @@ def test_mirrored_state_is_the_same_on_every_replica(tmp_path):
     assert controller.lr_at(10) == pytest.approx(0.2, rel=1e-5)
     for value in (1.0, 1.0, 1.0):  # patience 2: halves on the third eval.
         controller.on_eval(20, {"eval_loss": value})
-    (tmp_path / lr_control.OVERRIDE_FILE).write_text('{"multiply": 0.5}')
-    controller.apply_override_file(str(tmp_path), 30)
+    controller.apply_override(lr_override.Request("multiply", 0.5), 30)
     expected = 0.2 / _linear_base(10) * 0.5 * 0.5
     assert _multiplier(state) == pytest.approx(expected, rel=1e-5)
     for variable in (state.multiplier, state.plateau_best, state.milestones_done):

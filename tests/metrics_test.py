@@ -107,6 +107,83 @@ def test_resume_drops_records_after_the_restored_step(tmp_path, resume_step, kep
     assert [r["run"] for r in records] == [1] * len(kept) + [2] * len(redo)
 
 
+GOOD = b'{"step": 10, "loss": 1.0}\n{"step": 20, "loss": 0.5}\n'
+
+
+@pytest.mark.parametrize(
+    "torn",
+    [
+        b'{"step": 30, "lo',  # Cut mid-record, no newline.
+        b'{"step": 30, "lo\n',  # Cut, with a newline (last line, still not JSON).
+        b'{"step": 30, "loss": 0.2}'[:-1] + b"\n\n",  # Blank lines after it.
+        b"\x00" * 16,  # Zero-filled tail: what some filesystems leave after a power loss.
+        b'{"step": 30, "name": "\xe2\x82',  # Cut inside a multi-byte character.
+    ],
+    ids=["no_newline", "newline", "blank_lines_after", "zero_filled", "cut_utf8"],
+)
+def test_resume_drops_a_torn_last_line(tmp_path, caplog, torn):
+    path = tmp_path / "metrics.jsonl"
+    path.write_bytes(GOOD + torn)
+    caplog.set_level(logging.WARNING)
+    assert metrics.read_records(str(tmp_path)) == [
+        {"step": 10, "loss": 1.0},
+        {"step": 20, "loss": 0.5},
+    ]
+    assert path.read_bytes() == GOOD + torn  # Reading does not change the file.
+    caplog.clear()
+    writer = _writer(tmp_path, resume_step=30)
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1
+    assert str(path) in warnings[0] and "line 3" in warnings[0]
+    assert path.read_bytes() == GOOD  # Rewritten without the torn line...
+    writer.write(30, {"loss": 0.25})
+    writer.close()
+    assert path.read_bytes() == GOOD + b'{"step": 30, "loss": 0.25}\n'  # ...and resumed.
+
+
+@pytest.mark.parametrize(
+    ("content", "line"),
+    [
+        (b'{"step": 10}\n{"step": 20, "lo\n{"step": 30}\n', 2),
+        (b'{"step": 10}\n{"step": 20, "lo{"step": 30}\n{"step": 40}', 2),  # Glued records.
+        (b'\n{"step": 10}\n\n{"st\n{"step": 20}\n', 4),  # Blank lines still count.
+        (b'{"step": 10}\n{"step": 20, "lo\n{"step": 30, "lo', 2),  # Two torn lines: not a crash.
+        (b'{"loss": 1.0}\n{"step": 20}\n', 1),  # JSON, but not a record.
+        (b'{"step": 10}\n[20]\n{"step": 30}\n', 2),
+    ],
+    ids=["cut", "glued", "blank_lines_count", "two_torn", "no_step", "not_a_dict"],
+)
+def test_corruption_before_the_last_line_is_refused(tmp_path, content, line):
+    path = tmp_path / "metrics.jsonl"
+    path.write_bytes(content)
+    for load in (
+        lambda: metrics.read_records(str(tmp_path)),
+        lambda: _writer(tmp_path, resume_step=10),
+    ):
+        with pytest.raises(metrics.MetricsFileError) as raised:
+            load()
+        message = str(raised.value)
+        assert isinstance(raised.value, ValueError)  # main.py shows it as one "error:" line.
+        assert "\n" not in message
+        assert f"{path} line {line}:" in message
+        assert "fix or remove that line, or move metrics.jsonl away" in message
+    assert path.read_bytes() == content  # Left as it was for the user to look at.
+
+
+@pytest.mark.parametrize("resume_step", [10, 20])
+def test_last_line_without_newline_gets_one_before_the_next_record(tmp_path, resume_step):
+    path = tmp_path / "metrics.jsonl"
+    path.write_bytes(b'{"step": 10, "loss": 1.0}')  # A crash cut only the newline.
+    writer = _writer(tmp_path, resume_step=resume_step)
+    writer.write(20, {"loss": 0.5})
+    writer.close()
+    assert path.read_bytes() == b'{"step": 10, "loss": 1.0}\n{"step": 20, "loss": 0.5}\n'
+    assert metrics.read_records(str(tmp_path)) == [
+        {"step": 10, "loss": 1.0},
+        {"step": 20, "loss": 0.5},
+    ]
+
+
 def test_disabled_writer_writes_nothing(tmp_path):
     writer = _writer(tmp_path, enabled=False)
     writer.write(10, {"loss": 1.0})

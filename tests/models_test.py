@@ -8,7 +8,7 @@ import testutil
 
 from configs import default as default_config
 from trainer import checkpointing, models, optimizers
-from trainer.schedules import WarmupDecaySchedule
+from trainer.learning_rate import WarmupDecaySchedule
 
 # (input shape, width) per model; resnet50 has a fixed width (not in the width test).
 SMALL = {

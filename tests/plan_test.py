@@ -3,8 +3,6 @@
 import dataclasses
 import math
 import re
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -12,8 +10,11 @@ import testutil
 from testutil import PNG_MAGIC
 
 from configs import default as default_config
+from trainer import learning_rate
 from trainer import plan as plan_lib
 from trainer.datasets import shapes
+from trainer.errors import ConfigError
+from trainer.plan import __main__ as plan_cli
 
 
 def _config(**fields):
@@ -92,7 +93,7 @@ def test_peak_lr(scaling, batch, peak):
     assert plan.peak_lr == pytest.approx(peak, rel=1e-12)
     assert plan.lr_scaling == scaling
     # The curve reaches the peak exactly at the last warmup update and never exceeds it.
-    curve = plan_lib.lr_curve(plan, _config(**{"lr.scaling": scaling}).lr)
+    curve = learning_rate.planned_curve(plan, _config(**{"lr.scaling": scaling}).lr)
     assert curve[plan.warmup_steps - 1] == pytest.approx(peak, rel=1e-6)
     assert max(curve) == pytest.approx(peak, rel=1e-6)
 
@@ -124,7 +125,7 @@ def test_boundaries_and_milestones_converted_to_steps(unit, values, steps):
     assert plan.boundaries == steps
     assert plan.milestones == steps
     # The piecewise curve changes right after each boundary (curve[i] is update i + 1).
-    curve = np.array(plan_lib.lr_curve(plan, config.lr))
+    curve = np.array(learning_rate.planned_curve(plan, config.lr))
     first, second = steps
     np.testing.assert_allclose(
         curve[[first - 1, first, second - 1, second]],
@@ -142,7 +143,7 @@ def test_same_global_batch_same_plan_on_1_2_4_replicas(scaling):
         assert plan.per_replica_batch_size == 128 // replicas
         # Everything but the topology fields is identical.
         assert dataclasses.replace(plan, num_replicas=1, per_replica_batch_size=128) == plans[1]
-    curves = [plan_lib.lr_curve(plan, config.lr) for plan in plans.values()]
+    curves = [learning_rate.planned_curve(plan, config.lr) for plan in plans.values()]
     assert curves[0] == curves[1] == curves[2]
     assert len(curves[0]) == 600
 
@@ -160,8 +161,8 @@ def test_doubling_the_batch_scales_lr_at_equal_examples_seen(scaling, ratio):
     assert (small.total_steps, small.warmup_steps) == (800, 100)
     assert (large.total_steps, large.warmup_steps) == (400, 50)
     assert large.peak_lr == pytest.approx(ratio * small.peak_lr, rel=1e-12)
-    small_curve = np.array(plan_lib.lr_curve(small, small_config.lr))
-    large_curve = np.array(plan_lib.lr_curve(large, large_config.lr))
+    small_curve = np.array(learning_rate.planned_curve(small, small_config.lr))
+    large_curve = np.array(learning_rate.planned_curve(large, large_config.lr))
     # After large update k, 256 k examples were seen: as many as after small update 2k.
     k = np.arange(1, large.total_steps + 1)
     np.testing.assert_allclose(large_curve[k - 1], ratio * small_curve[2 * k - 1], atol=1e-7)
@@ -175,6 +176,7 @@ def test_doubling_the_batch_scales_lr_at_equal_examples_seen(scaling, ratio):
 ERROR_CASES = [
     ({"global_batch_size": 250}, 4, [r"global_batch_size \(250\)", r"4 replicas", "multiple of 4"]),
     ({"global_batch_size": 100}, 8, [r"global_batch_size \(100\)", r"8 replicas", "multiple of 8"]),
+    ({"global_batch_size": -8}, 1, [r"global_batch_size \(-8\)", "positive"]),
     ({"total_steps": 0}, 1, [r"total_steps \(0\)", "positive"]),
     ({"total_steps": -5}, 1, [r"total_steps \(-5\)", "positive"]),
     ({"total_epochs": 0.0}, 1, [r"total_epochs \(0.0\)", "positive"]),
@@ -233,8 +235,9 @@ ERROR_CASES = [
 @pytest.mark.parametrize(("fields", "replicas", "fragments"), ERROR_CASES)
 def test_errors_name_field_and_value(fields, replicas, fragments):
     config = _config(**fields)
-    with pytest.raises(ValueError, match=fragments[0]) as error:
-        _plan(config, replicas=replicas)
+    with pytest.raises(ConfigError, match=fragments[0]) as error:
+        # What start-up resolves: the plan, then its LR curve (which checks its own fields).
+        learning_rate.base_schedule(_plan(config, replicas=replicas), config.lr)
     for fragment in fragments[1:]:
         assert re.search(fragment, str(error.value)), (fragment, str(error.value))
 
@@ -274,24 +277,15 @@ def test_plot_writes_png(tmp_path):
     assert len(data) > 1000
 
 
-def _run_cli(*args):
-    command = [sys.executable, "-m", "trainer.plan", "--config=configs/default.py", *args]
-    result = subprocess.run(
-        command,
-        cwd=testutil.REPO,
-        env=testutil.ENV,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
-    assert result.returncode == 0, result.stderr[-4000:]
-    return result.stdout
+def _run_cli(capsys, *args):
+    config = f"{testutil.REPO}/configs/default.py"
+    testutil.run_cli_in_process(plan_cli.main, f"--config={config}", *args)
+    return capsys.readouterr().out
 
 
-def test_cli_plans_for_another_topology(tmp_path):
+def test_cli_plans_for_another_topology(tmp_path, capsys):
     png = tmp_path / "lr.png"
-    out = _run_cli("--replicas=8", "--train_examples=12000", f"--plot={png}")
+    out = _run_cli(capsys, "--replicas=8", "--train_examples=12000", f"--plot={png}")
     (summary,) = [line for line in out.splitlines() if line.startswith("plan | ")]
     assert "replicas: 8" in summary
     assert "per-replica batch: 16" in summary
@@ -301,9 +295,9 @@ def test_cli_plans_for_another_topology(tmp_path):
     assert png.read_bytes().startswith(PNG_MAGIC)
 
 
-def test_cli_reads_train_examples_from_the_dataset(tmp_path, data_dir):
+def test_cli_reads_train_examples_from_the_dataset(tmp_path, data_dir, capsys):
     png = tmp_path / "lr.png"
-    out = _run_cli(f"--config.dataset.data_dir={data_dir}", f"--plot={png}")
+    out = _run_cli(capsys, f"--config.dataset.data_dir={data_dir}", f"--plot={png}")
     (summary,) = [line for line in out.splitlines() if line.startswith("plan | ")]
     assert "replicas: 1" in summary and "per-replica batch: 128" in summary
     # No --train_examples: the 12,000 come from the prepared dataset's metadata.

@@ -87,9 +87,7 @@ def test_sigkill_at_an_arbitrary_moment_resumes_from_the_last_complete_save(
 
 
 def test_nan_with_fail_policy_stops_and_keeps_good_checkpoints(tmp_path, data_dir):
-    result = testutil.run_main(
-        tmp_path, *RUN, "--config.inject_nan_at_step=33", data_dir=data_dir, check=False
-    )
+    result = testutil.run_with_nan_at(33, tmp_path, *RUN, data_dir=data_dir, check=False)
     assert result.returncode == 1
     assert "loss is nan" in result.stderr and "step 35" in result.stderr
     assert "last good checkpoint" in result.stderr and "ckpt-20" in result.stderr
@@ -97,11 +95,11 @@ def test_nan_with_fail_policy_stops_and_keeps_good_checkpoints(tmp_path, data_di
     assert saved == ["ckpt-0.manifest.json", "ckpt-20.manifest.json"]
 
 
-def test_nan_with_recover_policy_restores_and_lowers_the_lr(tmp_path, data_dir):
-    testutil.run_main(
+def test_nan_with_recover_policy_restores_and_lowers_the_lr(straight, tmp_path, data_dir):
+    testutil.run_with_nan_at(
+        33,
         tmp_path,
         *RUN,
-        "--config.inject_nan_at_step=33",
         "--config.nan_policy=recover",
         "--config.nan_lr_factor=0.25",
         data_dir=data_dir,
@@ -112,6 +110,42 @@ def test_nan_with_recover_policy_restores_and_lowers_the_lr(tmp_path, data_dir):
     assert all(np.isfinite(v).all() for v in final.values() if v.dtype.kind == "f")
     steps = [s for s, _ in logged(tmp_path, "loss")]
     assert steps == sorted(set(steps)) and steps[-1] == TOTAL
+    # Restored from ckpt-20 with the LR x 0.25 from there on; the milestone and plateau
+    # decisions replay as in the straight run (their state came back with the checkpoint).
+    straight_lr = dict(logged(straight, "learning_rate"))
+    recovered_lr = dict(logged(tmp_path, "learning_rate"))
+    assert sorted(recovered_lr) == sorted(straight_lr)
+    for step, value in recovered_lr.items():
+        factor = 0.25 if step > 20 else 1.0
+        assert value == pytest.approx(factor * straight_lr[step], rel=1e-5), step
+
+
+def test_nan_recovery_after_a_batch_change_keeps_the_schedule_position(tmp_path, data_dir):
+    """A NaN recovery restores a checkpoint written under the old global batch; the schedule
+    must continue from the examples seen, not rewind to that checkpoint's plan position."""
+    plain = [f for f in RUN if "lr.milestone" not in f and "plateau" not in f]
+    testutil.run_main(tmp_path, *plain, f"--config.total_examples={30 * 128}", data_dir=data_dir)
+    testutil.run_with_nan_at(
+        35,
+        tmp_path,
+        *plain,
+        "--config.global_batch_size=64",
+        f"--config.total_examples={60 * 128}",
+        "--config.nan_policy=recover",
+        "--config.nan_lr_factor=0.5",
+        data_dir=data_dir,
+    )
+    assert len([e for _, e in logged(tmp_path, "lr_event") if "NaN recovery" in e]) == 1
+    records = [r for r in metrics.read_records(tmp_path) if "loss" in r]
+    # 30 updates at 128, then 60 at 64: 60 * 128 examples in all, none repeated or skipped.
+    assert [r["step"] for r in records[6:]] == list(range(35, 91, 5))
+    assert records[-1]["examples_seen"] == 60 * 128
+    # After the recovery the LR is 0.5 x the new plan's cosine at plan step = step + 30.
+    peak, total = 0.2 * 64 / 256, 120
+    for record in records[6:]:
+        plan_update = record["step"] + 30
+        cosine = peak * 0.5 * (1 + np.cos(np.pi * (plan_update - 10) / (total - 10)))
+        assert record["learning_rate"] == pytest.approx(0.5 * cosine, rel=1e-5), record
 
 
 def test_checkpoint_of_another_model_is_refused(tmp_path, data_dir):

@@ -73,6 +73,19 @@ def main_command(
     return [sys.executable, "-m", module, *flags]
 
 
+def run_with_nan_at(update: int, workdir, *overrides: str, data_dir: str, check: bool = True):
+    """`run_main` through tests/nan_injection.py: the loss of `update` is NaN (once)."""
+    command = main_command(workdir, *overrides, data_dir=data_dir, module="nan_injection")
+    command.append(f"--nan_at_update={update}")
+    env = {**ENV, "PYTHONPATH": os.pathsep.join([REPO, os.path.join(REPO, "tests")])}
+    result = subprocess.run(
+        command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600, check=False
+    )
+    if check and result.returncode != 0:
+        raise AssertionError(f"exit {result.returncode}\n{result.stderr[-4000:]}")
+    return result
+
+
 def run_main(
     workdir,
     *overrides: str,
@@ -140,3 +153,23 @@ def assert_bitwise_equal(workdir_a, workdir_b, step: int, has_dropout: bool = Tr
     assert any("lr_state" in n for n in a) and any("examples_seen" in n for n in a)
     for name in a:
         np.testing.assert_array_equal(a[name], b[name], err_msg=name)
+
+
+def run_cli_in_process(main, *argv: str) -> None:
+    """Runs a command-line tool's `main` in this process with `argv` as its flags, as
+    `python -m TOOL ARGV` would parse them (flags are defined at module level), then resets
+    the flags for the next test. ml_collections reads `sys.argv` to find `--config.FIELD`
+    overrides, so it is set too."""
+    from unittest import mock
+
+    from absl import flags
+
+    from trainer import cli
+
+    flags.FLAGS.unparse_flags()
+    try:
+        with mock.patch.object(sys, "argv", ["tool", *argv]):
+            cli.parse_flags(sys.argv)
+            main([])
+    finally:
+        flags.FLAGS.unparse_flags()

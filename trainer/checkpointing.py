@@ -14,10 +14,12 @@ import re
 import tensorflow as tf
 from absl import logging
 
+from trainer.errors import UserError
+
 _CKPT = re.compile(r"ckpt-(\d+)\.index$")
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError):
     """A workdir's checkpoints cannot be used; the message says what to do."""
 
 

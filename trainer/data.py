@@ -14,7 +14,8 @@ from collections.abc import Callable
 import tensorflow as tf
 
 from trainer import preprocessing as preprocessing_lib
-from trainer.sources import InMemorySplit, RecordSplit
+from trainer.errors import ConfigError
+from trainer.sources import Split
 
 IDENTITY = preprocessing_lib.Preprocessing()
 
@@ -65,39 +66,32 @@ def _replica_positions(
     return elements.map(positions)
 
 
-def _per_example_transform(
-    split: InMemorySplit | RecordSplit,
-    preprocessing: preprocessing_lib.Preprocessing,
-    transform: Callable[[tf.Tensor, tf.Tensor], tf.Tensor],
-) -> Callable[[tf.Tensor, tf.Tensor], tf.Tensor] | None:
-    """`transform`, or None when whole batches only need scaling (the fast path).
-
-    Checks the output shape now, so a bad image setting fails here and not in a tf.data thread.
-    """
+def _check_shape(split: Split, preprocessing: preprocessing_lib.Preprocessing) -> None:
+    """Fails now, not in a tf.data thread, when images need a `dataset.image_size`."""
     preprocessing.output_shape(split.image_shape)
-    return None if split.is_dense and preprocessing.is_identity else transform
 
 
 def _replica_batches(
-    split: InMemorySplit | RecordSplit,
+    split: Split,
     indexed: tf.data.Dataset,
-    transform: Callable[[tf.Tensor, tf.Tensor], tf.Tensor] | None,
+    preprocessing: preprocessing_lib.Preprocessing,
+    transform: Callable[[tf.Tensor, tf.Tensor], tf.Tensor],
     per_replica: int,
 ) -> tf.data.Dataset:
     """(indices, positions) vectors -> (images, labels, positions) replica batches.
 
-    `transform` None: a dense split that needs only scaling, done on whole batches (fast path).
-    Otherwise each example is decoded and transformed on its own, in parallel, in a fixed order.
+    Identity preprocessing only scales pixels, done on whole decoded batches (the fast path);
+    otherwise each example is decoded and `transform`ed on its own, in parallel, in fixed order.
     """
     read = split.reader()
     parallel = {"num_parallel_calls": tf.data.AUTOTUNE, "deterministic": True}
-    if transform is None:
+    if preprocessing.is_identity:
 
-        def dense_batch(indices, positions):
-            images, labels = read(indices)
+        def whole_batch(indices, positions):
+            images, labels = split.decode_batch(read(indices))
             return preprocessing_lib.normalize(images), labels, positions
 
-        return indexed.map(dense_batch, **parallel)
+        return indexed.map(whole_batch, **parallel)
 
     def example(record, position):
         image, label = split.decode(record)
@@ -108,7 +102,7 @@ def _replica_batches(
 
 
 def train_dataset_fn(
-    split: InMemorySplit | RecordSplit,
+    split: Split,
     *,
     global_batch_size: int,
     start_position: int,
@@ -118,28 +112,27 @@ def train_dataset_fn(
     """Returns a `dataset_fn` for `strategy.distribute_datasets_from_function`: endless, shuffled
     per epoch, starting at `start_position` examples into the stream."""
     if global_batch_size > split.num_examples:
-        raise ValueError(
+        raise ConfigError(
             f"global_batch_size ({global_batch_size}) exceeds the {split.num_examples} train "
             "examples; use a smaller batch"
         )
-    transform = _per_example_transform(
-        split,
-        preprocessing,
-        lambda image, position: preprocessing.train_example(image, position, seed),
-    )
+    _check_shape(split, preprocessing)
+
+    def transform(image: tf.Tensor, position: tf.Tensor) -> tf.Tensor:
+        return preprocessing.train_example(image, position, seed)
 
     def dataset_fn(context: tf.distribute.InputContext) -> tf.data.Dataset:
         positions = _replica_positions(context, global_batch_size, start_position, None)
         indexed = positions.map(lambda p: (_shuffled_indices(p, split.num_examples, seed), p))
         per_replica = context.get_per_replica_batch_size(global_batch_size)
-        batches = _replica_batches(split, indexed, transform, per_replica)
+        batches = _replica_batches(split, indexed, preprocessing, transform, per_replica)
         return batches.map(lambda images, labels, _: (images, labels)).prefetch(tf.data.AUTOTUNE)
 
     return dataset_fn
 
 
 def eval_dataset_fn(
-    split: InMemorySplit | RecordSplit,
+    split: Split,
     *,
     global_batch_size: int,
     preprocessing: preprocessing_lib.Preprocessing = IDENTITY,
@@ -150,15 +143,16 @@ def eval_dataset_fn(
     and the metrics count each real example exactly once.
     """
     num_steps = -(-split.num_examples // global_batch_size)
-    transform = _per_example_transform(
-        split, preprocessing, lambda image, _: preprocessing.eval_example(image)
-    )
+    _check_shape(split, preprocessing)
+
+    def transform(image: tf.Tensor, _: tf.Tensor) -> tf.Tensor:
+        return preprocessing.eval_example(image)
 
     def dataset_fn(context: tf.distribute.InputContext) -> tf.data.Dataset:
         positions = _replica_positions(context, global_batch_size, 0, num_steps)
         indexed = positions.map(lambda p: (tf.minimum(p, split.num_examples - 1), p))
         per_replica = context.get_per_replica_batch_size(global_batch_size)
-        batches = _replica_batches(split, indexed, transform, per_replica)
+        batches = _replica_batches(split, indexed, preprocessing, transform, per_replica)
 
         def weighted(images, labels, positions):
             return images, labels, tf.cast(positions < split.num_examples, tf.float32)

@@ -7,8 +7,10 @@ import os
 import ml_collections
 import tensorflow as tf
 
+from trainer.errors import ConfigError, UserError
 
-class StrategyError(RuntimeError):
+
+class StrategyError(UserError):
     """The requested strategy cannot be built here; the message says what to change."""
 
 
@@ -83,10 +85,10 @@ def create_strategy(distribution: ml_collections.ConfigDict) -> tf.distribute.St
     """Returns the strategy named by `distribution.strategy` (see configs/default.py)."""
     name = distribution.strategy
     if name not in STRATEGIES:
-        raise ValueError(f"distribution.strategy ({name!r}) is not one of {', '.join(STRATEGIES)}")
+        raise ConfigError(f"distribution.strategy ({name!r}) is not one of {', '.join(STRATEGIES)}")
     cpu_replicas = distribution.cpu_replicas
     if cpu_replicas < 0:
-        raise ValueError(
+        raise ConfigError(
             f"distribution.cpu_replicas ({cpu_replicas}) must be >= 0; 0 leaves the CPU whole"
         )
     if name == "multi_worker":  # Before anything else: collectives must be set up first.

@@ -35,21 +35,12 @@ def make_train_loop(
     optimizer: keras.optimizers.Optimizer,
     global_batch_size: int,
     grad_clip_norm: float = 0.0,
-    nan_trigger: tf.Variable | None = None,
 ) -> Callable[[object, tf.Tensor], dict[str, tf.Tensor]]:
-    """Returns `train_loop(iterator, num_steps)` -> mean loss/accuracy and the last applied LR.
-
-    Args:
-      nan_trigger: test hook; when its value equals the number of the update being computed, the
-        logits of that update are NaN (the host resets it to -1 once the NaN has been seen).
-    """
+    """Returns `train_loop(iterator, num_steps)` -> mean loss/accuracy and the last applied LR."""
 
     def train_step(images: tf.Tensor, labels: tf.Tensor) -> tuple[tf.Tensor, ...]:
         with tf.GradientTape() as tape:
             logits = model(images, training=True)
-            if nan_trigger is not None:
-                hit = tf.equal(optimizer.iterations + 1, tf.cast(nan_trigger, tf.int64))
-                logits *= tf.where(hit, float("nan"), 1.0)
             # Averaged over the *global* batch: replicas' gradients are summed by the all-reduce.
             loss = tf.nn.compute_average_loss(
                 _per_example_loss(labels, logits), global_batch_size=global_batch_size

@@ -1,55 +1,14 @@
-"""Changes the LR during training on top of the schedule, with all of its state checkpointed.
+"""Decides mid-run LR changes: milestones, reduce-on-plateau and the manual override file.
 
-Keras 3 refuses to assign the LR of an optimizer built with a schedule, and swapping a float LR
-for a schedule breaks checkpoints (see BUILD_NOTES.md). So the optimizer is built once with
-`ControlledSchedule`: LR(step) = multiplier x base_schedule(step + step_offset). Milestones,
-reduce-on-plateau and the manual override only ever change `multiplier` between inner loops;
-`step_offset` keeps the schedule position in examples when the global batch changes on resume.
-Both are variables read inside the compiled step, so every replica applies the same value.
+Every decision changes `learning_rate.LRState` (checkpointed) between inner loops and returns a
+one-line event for the logs; the optimizer's schedule reads that state inside the next update.
 """
 
-import json
-import math
-
-import keras
 import ml_collections
-import tensorflow as tf
 from absl import logging
 
-OVERRIDE_FILE = "lr_override.json"
-
-
-class LRState(tf.Module):
-    """Checkpointed controller state. Create under `strategy.scope()` (the step reads it)."""
-
-    def __init__(self, plateau_mode: str):
-        super().__init__(name="lr_state")
-        self.multiplier = tf.Variable(1.0, trainable=False, name="multiplier")
-        self.step_offset = tf.Variable(0, dtype=tf.int64, trainable=False, name="step_offset")
-        initial_best = float("inf") if plateau_mode == "min" else float("-inf")
-        # float64: a float32 best rounds e.g. 0.3 up, so an equal metric would count as better.
-        self.plateau_best = tf.Variable(
-            initial_best, dtype=tf.float64, trainable=False, name="plateau_best"
-        )
-        self.plateau_wait = tf.Variable(0, dtype=tf.int64, trainable=False, name="plateau_wait")
-        self.plateau_cooldown = tf.Variable(0, dtype=tf.int64, trainable=False, name="cooldown")
-        self.milestones_done = tf.Variable(0, dtype=tf.int64, trainable=False, name="milestones")
-
-
-class ControlledSchedule(keras.optimizers.schedules.LearningRateSchedule):
-    """The schedule the optimizer owns: the base schedule, shifted and scaled by `LRState`."""
-
-    def __init__(self, base: keras.optimizers.schedules.LearningRateSchedule, state: LRState):
-        self.base = base
-        self.state = state
-
-    def __call__(self, step):
-        shifted = tf.cast(step, tf.int64) + self.state.step_offset
-        return self.state.multiplier * self.base(shifted)
-
-    def get_config(self) -> dict:
-        # The variables live in the checkpoint; the config describes the base curve.
-        return {"base": keras.saving.serialize_keras_object(self.base)}
+from trainer import learning_rate, lr_override
+from trainer.errors import ConfigError
 
 
 class LRController:
@@ -60,21 +19,24 @@ class LRController:
         *,
         config: ml_collections.ConfigDict,
         milestone_steps: tuple[int, ...],
-        schedule: ControlledSchedule,
-        state: LRState,
+        schedule: learning_rate.ControlledSchedule,
     ):
         self._config = config
         self._milestone_steps = milestone_steps
         self._schedule = schedule
-        self._state = state
+        self._state = schedule.state
 
     def lr_at(self, step: int) -> float:
         """The LR the update after `step` applied updates will use."""
         return float(self._schedule(step).numpy())
 
-    def _set_multiplier(self, value: float, step: int, reason: str) -> str:
+    def _set_multiplier(
+        self, value: float, step: int, reason: str, floor: int | None = None
+    ) -> str:
         old_lr = self.lr_at(step)
         self._state.multiplier.assign(value)
+        if floor is not None:
+            self._state.floor.assign(floor)
         message = f"lr: {old_lr:.6g} -> {self.lr_at(step):.6g} at step {step} ({reason})"
         logging.info(message)
         return message
@@ -83,15 +45,25 @@ class LRController:
         """Multiplies the current LR (and the rest of the schedule) by `factor`."""
         return self._set_multiplier(self._state.multiplier.numpy() * factor, step, reason)
 
-    def set(self, learning_rate: float, step: int, reason: str) -> str:
-        """Makes the next update use `learning_rate`; the schedule then decays from there."""
-        base = float(self._schedule.base(step + int(self._state.step_offset.numpy())).numpy())
-        if base <= 0:
-            raise ValueError(
-                f"cannot set the LR to {learning_rate} at step {step}: the schedule is 0 there; "
+    def set(self, value: float, step: int, reason: str) -> str:
+        """Makes the next update use LR `value`; the rest of the schedule is scaled to match.
+
+        During warmup the rest of the ramp is skipped (the LR holds `value` until the decay
+        starts, then decays from it), so the LR never exceeds `value`: the user who says "set
+        the LR to X" gets X now and nothing higher later.
+        """
+        base = self._schedule.base
+        position = self._schedule.plan_position(step)
+        warmup_end = base.warmup_steps - 1  # The schedule step of the first update at the peak.
+        floor = warmup_end if position < warmup_end else None
+        position = max(position, warmup_end)
+        base_value = float(base(position).numpy())
+        if base_value <= 0:
+            raise ConfigError(
+                f"cannot set the LR to {value} at step {step}: the schedule is 0 there; "
                 "use a multiplying action instead"
             )
-        return self._set_multiplier(learning_rate / base, step, reason)
+        return self._set_multiplier(value / base_value, step, reason, floor)
 
     def next_milestone(self) -> int | None:
         """The step of the next pending milestone, so the outer loop can stop exactly there."""
@@ -99,9 +71,10 @@ class LRController:
         return self._milestone_steps[done] if done < len(self._milestone_steps) else None
 
     def on_loop_end(self, step: int) -> list[str]:
-        """Applies every milestone reached at `step`."""
+        """Applies every milestone reached after `step` updates (milestones are plan steps)."""
+        plan_step = step + int(self._state.step_offset.numpy())
         events = []
-        while (milestone := self.next_milestone()) is not None and step >= milestone:
+        while (milestone := self.next_milestone()) is not None and plan_step >= milestone:
             index = int(self._state.milestones_done.numpy())
             value = self._config.milestone_values[index]
             reason = f"milestone {index + 1} at step {milestone}"
@@ -118,7 +91,7 @@ class LRController:
         if not config.plateau_metric:
             return []
         if config.plateau_metric not in metrics:
-            raise ValueError(
+            raise ConfigError(
                 f"lr.plateau_metric ({config.plateau_metric!r}) is not an eval metric; use one "
                 f"of {', '.join(sorted(metrics))}"
             )
@@ -150,42 +123,12 @@ class LRController:
         reason = f"{config.plateau_metric}={value:.6g} no better than {best:.6g} (plateau)"
         return [self.scale(factor, step, reason)]
 
-    def apply_override_file(self, workdir: str, step: int) -> list[str]:
-        """Applies `WORKDIR/lr_override.json` ({"set": lr} or {"multiply": factor}) if present.
+    def apply_override(self, request: lr_override.Request, step: int) -> str:
+        """Applies a manual override (read by `lr_override.take_pending`) to the next update.
 
-        The file is renamed to `lr_override.applied-STEP.json` so it acts once and leaves a record.
-        A malformed file is renamed `lr_override.rejected-STEP.json` and reported, and training
-        goes on: a typo in a hand-written file must not kill a long run. Cost: one file-existence
-        check per inner loop.
+        Raises ConfigError when a "set" cannot be applied (the schedule is 0 there).
         """
-        path = f"{workdir}/{OVERRIDE_FILE}"
-        if not tf.io.gfile.exists(path):
-            return []
-        with tf.io.gfile.GFile(path) as f:
-            text = f.read()
-        try:
-            request = json.loads(text)
-            ((action, value),) = request.items()
-            if action not in ("set", "multiply"):
-                raise ValueError(action)
-            value = float(value)
-            if not 0 < value < math.inf:
-                raise ValueError(value)
-        except (AttributeError, TypeError, ValueError):  # Not a dict, null, a list...
-            rejected = f"{workdir}/lr_override.rejected-{step}.json"
-            tf.io.gfile.rename(path, rejected, overwrite=True)
-            message = (
-                f'{path} must hold {{"set": LR}} or {{"multiply": FACTOR}} with a positive '
-                f"number, got {text!r}; ignored it (kept as {rejected}), write a new one"
-            )
-            logging.error("%s", message)
-            return [message]
-        tf.io.gfile.rename(path, f"{workdir}/lr_override.applied-{step}.json", overwrite=True)
         reason = f"manual override {request}"
-        if action == "multiply":
-            return [self.scale(value, step, reason)]
-        try:
-            return [self.set(value, step, reason)]
-        except ValueError as error:  # The schedule is 0 here: nothing to scale from.
-            logging.error("ignored %s: %s", reason, error)
-            return [f"ignored {reason}: {error}"]
+        if request.action == "multiply":
+            return self.scale(request.value, step, reason)
+        return self.set(request.value, step, reason)

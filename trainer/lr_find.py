@@ -16,10 +16,16 @@ import keras
 import ml_collections
 import numpy as np
 import tensorflow as tf
-from absl import logging
+from absl import flags, logging
 
-from trainer import loop, schedules
+from trainer import cli, learning_rate, loop
+from trainer import setup as setup_lib
 from trainer import state as state_lib
+from trainer.errors import ConfigError
+
+_MIN_LR = flags.DEFINE_float("min_lr", 1e-4, "First LR of the sweep.")
+_MAX_LR = flags.DEFINE_float("max_lr", 10.0, "Last LR of the sweep.")
+_NUM_STEPS = flags.DEFINE_integer("num_steps", 300, "Steps of the sweep.")
 
 
 @keras.saving.register_keras_serializable(package="tfscale")
@@ -79,12 +85,12 @@ def run(
 ) -> Result:
     """Sweeps the LR on the real set-up; stops early once the loss exceeds `divergence` x best."""
     if not 0 < min_lr < max_lr:
-        raise ValueError(f"--min_lr ({min_lr}) and --max_lr ({max_lr}) need 0 < min_lr < max_lr")
+        raise ConfigError(f"--min_lr ({min_lr}) and --max_lr ({max_lr}) need 0 < min_lr < max_lr")
     if num_steps < 2:
-        raise ValueError(f"--num_steps ({num_steps}) must be at least 2")
+        raise ConfigError(f"--num_steps ({num_steps}) must be at least 2")
     started = time.monotonic()
-    setup = state_lib.prepare(config)
-    state = state_lib.build_state(config, setup, ExponentialSweep(min_lr, max_lr, num_steps))
+    setup = setup_lib.prepare(config)
+    state = state_lib.build_state(setup, ExponentialSweep(min_lr, max_lr, num_steps))
     train_loop = loop.make_train_loop(
         strategy=setup.strategy,
         model=state.model,
@@ -92,7 +98,7 @@ def run(
         global_batch_size=setup.plan.global_batch_size,
         grad_clip_norm=config.optimizer.grad_clip_norm,
     )
-    iterator = state_lib.train_iterator(config, setup, state)
+    iterator = setup.train_iterator(start_position=0)
     one_step = tf.constant(1)
     learning_rates, losses = [], []
     for _ in range(num_steps):
@@ -107,7 +113,7 @@ def run(
     smoothed = smooth(finite)
     suggested = suggest(learning_rates, smoothed)
     plan = setup.plan
-    scale = schedules.scale_learning_rate(
+    scale = learning_rate.scale_learning_rate(
         1.0, plan.reference_batch_size, plan.global_batch_size, plan.lr_scaling
     )
     result = Result(
@@ -147,16 +153,16 @@ def _write(result: Result, directory: str) -> None:
     pyplot.close(figure)
 
 
-def _main(argv: list[str]) -> None:
+def main(argv: list[str]) -> None:
     del argv
     result = run(
-        _CONFIG.value,
-        _WORKDIR.value,
+        cli.CONFIG.value,
+        cli.WORKDIR.value,
         min_lr=_MIN_LR.value,
         max_lr=_MAX_LR.value,
         num_steps=_NUM_STEPS.value,
     )
-    written = os.path.join(_WORKDIR.value, "lr_find")
+    written = os.path.join(cli.WORKDIR.value, "lr_find")
     if result.suggested_lr is None:
         logging.warning(
             "lr_find | steps: %d | seconds: %.1f | the loss never fell by 5%%: no suggestion; "
@@ -178,13 +184,4 @@ def _main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    from absl import app, flags
-    from ml_collections import config_flags
-
-    _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file.", lock_config=True)
-    _WORKDIR = flags.DEFINE_string("workdir", None, "Results go to WORKDIR/lr_find/.")
-    _MIN_LR = flags.DEFINE_float("min_lr", 1e-4, "First LR of the sweep.")
-    _MAX_LR = flags.DEFINE_float("max_lr", 10.0, "Last LR of the sweep.")
-    _NUM_STEPS = flags.DEFINE_integer("num_steps", 300, "Steps of the sweep.")
-    flags.mark_flags_as_required(["config", "workdir"])
-    app.run(_main)
+    cli.run(main, "config", "workdir")

@@ -8,6 +8,8 @@ import time
 import tensorflow as tf
 from absl import logging
 
+from trainer.errors import UserError
+
 
 class MetricWriter:
     """Writes one record per logged step. Only the chief writes; other workers get a no-op.
@@ -92,15 +94,59 @@ class MetricWriter:
 
 
 def _truncate_after(path: str, step: int) -> None:
-    """Drops records logged after `step`: they belong to steps the resumed run will redo."""
+    """Drops records logged after `step` (the resumed run redoes them) and a torn last line.
+
+    Rewritten (via a temporary file, so a crash here loses nothing) only if that changes the
+    file. It then ends with a newline, so the next record starts on a line of its own even when
+    a crash cut only the last record's newline.
+    """
     if not tf.io.gfile.exists(path):
         return
-    with tf.io.gfile.GFile(path) as f:
-        lines = [line for line in f if line.strip()]
-    kept = [line for line in lines if json.loads(line)["step"] <= step]
-    if len(kept) != len(lines):
-        with tf.io.gfile.GFile(path, "w") as f:
-            f.write("".join(kept))  # GFile has no writelines().
+    with tf.io.gfile.GFile(path, "rb") as f:
+        data = f.read()
+    kept = b"".join(line + b"\n" for line, record in _parse(path, data) if record["step"] <= step)
+    if kept != data:
+        temporary = path + ".tmp"
+        with tf.io.gfile.GFile(temporary, "wb") as f:
+            f.write(kept)
+        tf.io.gfile.rename(temporary, path, overwrite=True)
+
+
+class MetricsFileError(UserError, ValueError):
+    """metrics.jsonl is damaged before its last line: not what a crash leaves, so not guessed at."""
+
+
+def _parse(path: str, data: bytes) -> list[tuple[bytes, dict]]:
+    """The (line, record) pairs of a metrics.jsonl file's content; blank lines are skipped.
+
+    A crash or a full disk can cut the last write short, so a last line that is not a record is
+    left out with a warning. Records after a bad line mean something else damaged the file.
+
+    Raises:
+      MetricsFileError: a line other than the last one is not a JSON record with a "step".
+    """
+    numbered = [(n, line) for n, line in enumerate(data.split(b"\n"), start=1) if line.strip()]
+    parsed = []
+    for index, (number, line) in enumerate(numbered):
+        try:  # Bytes, not text: a torn tail can end inside a UTF-8 character.
+            record = json.loads(line.decode("utf-8"))
+        except ValueError:  # JSONDecodeError and UnicodeDecodeError both are ValueErrors.
+            record = None
+        if isinstance(record, dict) and isinstance(record.get("step"), (int, float)):
+            parsed.append((line, record))
+        elif index == len(numbered) - 1:
+            logging.warning(
+                "%s line %d is an incomplete record (a crash or a full disk cut the write "
+                "short); leaving it out",
+                path,
+                number,
+            )
+        else:
+            raise MetricsFileError(
+                f"{path} line {number}: not a JSON record with a step, and records follow it; "
+                f"fix or remove that line, or move {os.path.basename(path)} away"
+            )
+    return parsed
 
 
 def _format_seconds(seconds: float) -> str:
@@ -112,6 +158,11 @@ def _format_seconds(seconds: float) -> str:
 
 
 def read_records(workdir: str) -> list[dict]:
-    """Reads metrics.jsonl back (tests, tools)."""
-    with tf.io.gfile.GFile(os.path.join(workdir, "metrics.jsonl")) as f:
-        return [json.loads(line) for line in f if line.strip()]
+    """Reads metrics.jsonl back (tests, tools), leaving out a torn last line like a resume does.
+
+    Raises:
+      MetricsFileError: a line before the last one is not a record.
+    """
+    path = os.path.join(workdir, "metrics.jsonl")
+    with tf.io.gfile.GFile(path, "rb") as f:
+        return [record for _, record in _parse(path, f.read())]

@@ -5,6 +5,8 @@ from collections.abc import Callable
 import keras
 import ml_collections
 
+from trainer.errors import ConfigError
+
 
 def _mlp(config: ml_collections.ConfigDict, inputs: keras.KerasTensor) -> keras.KerasTensor:
     x = keras.layers.Flatten()(inputs)
@@ -72,7 +74,7 @@ def build_model(
     Call under `strategy.scope()` so the variables are distributed.
     """
     if config.name not in MODELS:
-        raise ValueError(f"model.name ({config.name!r}) is not one of {', '.join(MODELS)}")
+        raise ConfigError(f"model.name ({config.name!r}) is not one of {', '.join(MODELS)}")
     inputs = keras.Input(shape=input_shape)
     features = MODELS[config.name](config, inputs)
     if config.dropout_rate > 0:

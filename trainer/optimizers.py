@@ -5,6 +5,8 @@ from collections.abc import Callable
 import keras
 import ml_collections
 
+from trainer.errors import ConfigError
+
 
 def _sgd(config: ml_collections.ConfigDict, learning_rate) -> keras.optimizers.Optimizer:
     return keras.optimizers.SGD(
@@ -46,7 +48,7 @@ def build_optimizer(
     placeholder tensor"), and its slots would not exist yet for a restore to fill.
     """
     if config.name not in OPTIMIZERS:
-        raise ValueError(f"optimizer.name ({config.name!r}) is not one of {', '.join(OPTIMIZERS)}")
+        raise ConfigError(f"optimizer.name ({config.name!r}) is not one of {', '.join(OPTIMIZERS)}")
     optimizer = OPTIMIZERS[config.name](config, learning_rate)
     optimizer.build(variables)
     return optimizer

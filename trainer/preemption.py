@@ -64,3 +64,9 @@ class PreemptionWatcher:
         """Restores the previous handlers."""
         for signum, handler in self._previous.items():
             signal.signal(signum, handler)
+
+    def __enter__(self) -> "PreemptionWatcher":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

@@ -16,6 +16,8 @@ import dataclasses
 import ml_collections
 import tensorflow as tf
 
+from trainer.errors import ConfigError
+
 AUGMENTATIONS = ("none", "inception_crop")
 
 
@@ -38,7 +40,7 @@ class Preprocessing:
         if self.image_size is not None:
             return (self.image_size, self.image_size, channels)
         if None in image_shape:
-            raise ValueError(
+            raise ConfigError(
                 f"the images have variable size {image_shape}; set --config.dataset.image_size "
                 "(e.g. 224) so they are cropped and resized to one size"
             )
@@ -65,18 +67,18 @@ class Preprocessing:
 def from_config(config: ml_collections.ConfigDict) -> Preprocessing:
     """Validates `config.dataset`'s image fields, naming the field and the fix."""
     if config.augment not in AUGMENTATIONS:
-        raise ValueError(
+        raise ConfigError(
             f"dataset.augment ({config.augment!r}) is not one of {', '.join(AUGMENTATIONS)}"
         )
     if config.image_size is not None and config.image_size <= 0:
-        raise ValueError(f"dataset.image_size ({config.image_size}) must be positive or None")
+        raise ConfigError(f"dataset.image_size ({config.image_size}) must be positive or None")
     if config.augment == "inception_crop" and config.image_size is None:
-        raise ValueError(
+        raise ConfigError(
             "dataset.augment='inception_crop' resizes its crops to dataset.image_size; "
             "set --config.dataset.image_size (e.g. 224)"
         )
     if not 0 < config.center_crop_fraction <= 1:
-        raise ValueError(
+        raise ConfigError(
             f"dataset.center_crop_fraction ({config.center_crop_fraction}) must be in (0, 1]"
         )
     return Preprocessing(config.image_size, config.augment, config.center_crop_fraction)

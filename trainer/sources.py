@@ -14,6 +14,7 @@ in `IN_MEMORY_LIMIT_BYTES` are loaded into memory (fastest); ArrayRecord files a
 
 import dataclasses
 from collections.abc import Callable, Sequence
+from typing import Any, Protocol
 
 import ml_collections
 import numpy as np
@@ -22,6 +23,7 @@ import tensorflow_datasets as tfds
 from tensorflow_datasets.core import file_adapters
 
 from trainer.datasets import shapes
+from trainer.errors import ConfigError, UserError
 
 EMBEDDED_DATASETS = {
     "tfscale_shapes": shapes.load_or_prepare,
@@ -31,14 +33,38 @@ IN_MEMORY_LIMIT_BYTES = 8 * 2**30  # Larger splits must be read by index (ArrayR
 tfds.disable_progress_bar()  # Progress bars would flood logs and CI output.
 
 
+class DatasetNotPreparedError(UserError, FileNotFoundError):
+    """The dataset's files are not in `data_dir`; the message gives the command that makes them."""
+
+
+class Split(Protocol):
+    """One split of a dataset, as the step-indexed stream in data.py reads it: by example index.
+
+    `read` runs inside a tf.data map on a vector of indices and returns their records in one
+    call; `decode` turns one record into (uint8 image [H, W, C], int32 label); `decode_batch`
+    does the same for a whole read, when every image has the split's fixed `image_shape`.
+    """
+
+    @property
+    def num_examples(self) -> int: ...
+
+    @property
+    def image_shape(self) -> tuple[int | None, ...]: ...
+
+    def reader(self) -> Callable[[tf.Tensor], Any]:
+        """The function reading records by index; call it inside a `dataset_fn`."""
+
+    def decode(self, record: Any) -> tuple[tf.Tensor, tf.Tensor]: ...
+
+    def decode_batch(self, records: Any) -> tuple[tf.Tensor, tf.Tensor]: ...
+
+
 @dataclasses.dataclass(frozen=True)
 class InMemorySplit:
     """One split held in host memory (uint8 images, int32 labels)."""
 
     images: np.ndarray
     labels: np.ndarray
-
-    is_dense = True  # `read` returns whole image batches, ready for the batched fast path.
 
     @property
     def num_examples(self) -> int:
@@ -57,6 +83,10 @@ class InMemorySplit:
         """One (image, label) of a read batch: already decoded."""
         return example
 
+    def decode_batch(self, batch: tuple[tf.Tensor, tf.Tensor]) -> tuple[tf.Tensor, tf.Tensor]:
+        """A whole read: already decoded (the fast path, no per-example work)."""
+        return batch
+
 
 @dataclasses.dataclass(frozen=True)
 class RecordSplit:
@@ -66,8 +96,6 @@ class RecordSplit:
     features: tfds.features.FeaturesDict
     image_key: str
     label_key: str
-
-    is_dense = False  # `read` returns serialized examples, to `decode` one by one.
 
     @property
     def num_examples(self) -> int:
@@ -101,11 +129,19 @@ class RecordSplit:
         image = tf.ensure_shape(image, shape)
         return image, tf.cast(example[self.label_key], tf.int32)
 
+    def decode_batch(self, serialized: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+        """A vector of serialized examples of fixed-size images -> (images, labels)."""
+        signature = (
+            tf.TensorSpec(self.image_shape, tf.uint8),
+            tf.TensorSpec([], tf.int32),
+        )
+        return tf.map_fn(self.decode, serialized, fn_output_signature=signature)
+
 
 def _not_prepared(
     config: ml_collections.ConfigDict, data_dir: str, file_format: str = "tfrecord"
-) -> FileNotFoundError:
-    return FileNotFoundError(
+) -> "DatasetNotPreparedError":
+    return DatasetNotPreparedError(
         f"dataset {config.name!r} is not prepared in {data_dir}; prepare it once where it can be "
         f"downloaded (`python -m trainer.datasets.build --dataset={config.name} --data_dir=DIR "
         f"--file_format={file_format}`, copy DIR here) and pass --config.dataset.data_dir=DIR, "
@@ -124,7 +160,7 @@ def _builder(config: ml_collections.ConfigDict) -> tfds.core.DatasetBuilder:
     try:
         return tfds.builder(config.name, data_dir=config.data_dir)
     except tfds.core.registered.DatasetNotFoundError as error:
-        raise ValueError(
+        raise ConfigError(
             f"dataset.name ({config.name!r}) is not a TFDS dataset; see "
             "`tfds.list_builders()` or use tfscale_shapes"
         ) from error
@@ -150,7 +186,7 @@ def _in_memory_refusal(builder: tfds.core.DatasetBuilder, split: str) -> str | N
     return None
 
 
-def load_split(config: ml_collections.ConfigDict, split: str) -> InMemorySplit | RecordSplit:
+def load_split(config: ml_collections.ConfigDict, split: str) -> Split:
     """Opens `split` the fastest way its files allow, or fails within seconds saying what to do."""
     builder = _builder(config)
     formats = builder.info.available_file_formats()
@@ -161,7 +197,7 @@ def load_split(config: ml_collections.ConfigDict, split: str) -> InMemorySplit |
     if refusal and not builder.info.splits:  # Not prepared at all: say how, in the right format.
         raise _not_prepared(config, builder.data_dir_root, file_format="array_record")
     if refusal:
-        raise ValueError(
+        raise ConfigError(
             f"dataset {config.name!r} {refusal}; it can only be read by index from ArrayRecord "
             "files, but it is prepared as TFRecord. Convert it once: "
             + _convert_command(config, builder)

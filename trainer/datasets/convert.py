@@ -18,6 +18,8 @@ import tensorflow_datasets as tfds
 from absl import app, flags, logging
 from tensorflow_datasets.core import file_adapters
 
+from trainer.errors import ConfigError
+
 _DATASET = flags.DEFINE_string("dataset", None, "TFDS name (with /config and :version if needed).")
 _DATA_DIR = flags.DEFINE_string("data_dir", None, "Where the dataset is prepared as TFRecord.")
 _OUT_DATA_DIR = flags.DEFINE_string("out_data_dir", None, "Where the ArrayRecord copy goes.")
@@ -42,7 +44,7 @@ def convert(dataset: str, data_dir: str, out_data_dir: str, threads: int = 8) ->
     """Writes the ArrayRecord copy; returns its version directory."""
     builder = tfds.builder(dataset, data_dir=data_dir)
     if _TFRECORD not in builder.info.available_file_formats():
-        raise ValueError(f"{dataset} in {data_dir} has no TFRecord files to convert")
+        raise ConfigError(f"{dataset} in {data_dir} has no TFRecord files to convert")
     source_dir = str(builder.data_dir)
     target_dir = os.path.join(out_data_dir, builder.info.full_name)
     tf.io.gfile.makedirs(target_dir)

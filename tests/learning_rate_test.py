@@ -1,4 +1,5 @@
-"""Tests for trainer/schedules.py: hand-computed values, Keras as an oracle, validation, tracing."""
+"""Tests for trainer/learning_rate.py: hand-computed values, Keras as an oracle, validation,
+tracing, and the controlled schedule the optimizer owns."""
 
 import math
 
@@ -8,10 +9,13 @@ import pytest
 import tensorflow as tf
 import testutil
 
-from trainer.schedules import (
+from configs import default as default_config
+from trainer.errors import ConfigError
+from trainer.learning_rate import (
     DECAY_KINDS,
     WARMUP_KINDS,
     WarmupDecaySchedule,
+    check_config,
     scale_learning_rate,
 )
 
@@ -182,17 +186,32 @@ def test_scale_learning_rate_doubled_batch(rule, factor):
 
 
 @pytest.mark.parametrize(
-    ("args", "match"),
+    ("fields", "match"),
     [
-        ((0.1, 256, 512, "cubic"), r"lr\.scaling \('cubic'\).*linear, sqrt, none"),
-        ((0.0, 256, 512, "linear"), r"lr\.base \(0\.0\)"),
-        ((0.1, 0, 512, "linear"), r"lr\.reference_batch_size \(0\)"),
-        ((0.1, 256, -8, "sqrt"), r"global_batch_size \(-8\)"),
+        ({"scaling": "cubic"}, r"lr\.scaling \('cubic'\).*linear, sqrt, none"),
+        ({"base": 0.0}, r"lr\.base \(0\.0\)"),
+        ({"base": float("inf")}, r"lr\.base \(inf\) must be a finite number"),
+        ({"base": float("nan")}, r"lr\.base \(nan\) must be a finite number"),
+        ({"reference_batch_size": 0}, r"lr\.reference_batch_size \(0\)"),
+        ({"plateau_min_lr": float("inf")}, r"lr\.plateau_min_lr \(inf\)"),
+        ({"milestone_action": "add"}, r"lr\.milestone_action \('add'\).*multiply, set"),
+        ({"plateau_mode": "up"}, r"lr\.plateau_mode \('up'\).*min, max"),
+        (
+            {"milestones": (1, 2), "milestone_values": (0.1, float("nan"))},
+            r"lr\.milestone_values \(nan\) must be a finite",
+        ),
+        (
+            {"milestones": (1,), "milestone_values": (-0.1,)},
+            r"lr\.milestone_values \(\(-0\.1,\)\) must be positive",
+        ),
     ],
 )
-def test_scale_learning_rate_errors(args, match):
-    with pytest.raises(ValueError, match=match):
-        scale_learning_rate(*args)
+def test_check_config_errors(fields, match):
+    lr = default_config.get_config().lr
+    for name, value in fields.items():
+        lr[name] = value
+    with pytest.raises(ConfigError, match=match):
+        check_config(lr)
 
 
 @pytest.mark.parametrize(

@@ -1,24 +1,87 @@
-"""Learning-rate scaling with batch size, and one warmup-then-decay schedule for every recipe."""
+"""The learning rate, in one place: scaling with the batch, warmup + decay, and the controlled
+schedule the optimizer owns.
+
+How `lr.base` becomes the LR of an update (the whole path):
+  1. `plan.make_plan` scales it to the real global batch: `peak_lr = scale_learning_rate(...)`.
+  2. `base_schedule(plan, lr)` is the warmup + decay curve over the plan's steps.
+  3. `controlled_schedule(base)` wraps it as LR(step) = multiplier x base(max(step + step_offset,
+     floor)), with `LRState` (checkpointed) holding multiplier, step_offset and floor. The
+     optimizer is built with it (`optimizers.build_optimizer`) and so owns the LR: Keras calls
+     it with `optimizer.iterations` inside every update, on every replica and host.
+  4. `loop.py` reads `optimizer.learning_rate` inside the update: the value that was applied.
+Mid-run changes (milestones, plateau, manual override, NaN recovery; decided in `lr_control.py`)
+only ever write `LRState`, between inner loops: Keras 3 refuses to assign the LR of a
+schedule-built optimizer, and swapping a float LR for a schedule breaks checkpoints.
+"""
 
 import itertools
 import math
 from collections.abc import Sequence
 
 import keras
+import ml_collections
+import numpy as np
 import tensorflow as tf
+
+from trainer.errors import ConfigError
 
 SCALING_RULES = ("linear", "sqrt", "none")
 WARMUP_KINDS = ("linear", "exponential")
 DECAY_KINDS = ("constant", "cosine", "linear", "polynomial", "piecewise", "rsqrt", "exponential")
+MILESTONE_ACTIONS = ("multiply", "set")
+PLATEAU_MODES = ("min", "max")
 
 
 def _require(condition: bool, message: str) -> None:
     if not condition:
-        raise ValueError(message)
+        raise ConfigError(message)
 
 
 def _check_kind(field: str, value: str, valid: tuple[str, ...]) -> None:
-    _require(value in valid, f"{field} ({value!r}) is unknown; use one of {', '.join(valid)}")
+    _require(value in valid, f"{field} ({value!r}) is not one of {', '.join(valid)}")
+
+
+def _check_finite(field: str, value: float) -> None:
+    _require(
+        isinstance(value, (int, float)) and math.isfinite(value),
+        f"{field} ({value}) must be a finite number",
+    )
+
+
+def check_config(lr: ml_collections.ConfigDict) -> None:
+    """Validates the `lr` fields that are not arguments of `WarmupDecaySchedule` (it checks its
+    own), so every field is checked exactly once, at start-up, naming the field and the fix."""
+    for field in (
+        "base",
+        "reference_batch_size",
+        "plateau_factor",
+        "plateau_min_delta",
+        "plateau_min_lr",
+    ):
+        _check_finite(f"lr.{field}", lr[field])
+    _require(lr.base > 0, f"lr.base ({lr.base}) must be positive")
+    _require(
+        lr.reference_batch_size > 0,
+        f"lr.reference_batch_size ({lr.reference_batch_size}) must be positive",
+    )
+    _check_kind("lr.scaling", lr.scaling, SCALING_RULES)
+    _check_kind("lr.milestone_action", lr.milestone_action, MILESTONE_ACTIONS)
+    _check_kind("lr.plateau_mode", lr.plateau_mode, PLATEAU_MODES)
+    _require(
+        len(lr.milestones) == len(lr.milestone_values),
+        f"lr.milestones ({lr.milestones}) and lr.milestone_values ({lr.milestone_values}) need "
+        "one value per milestone",
+    )
+    _require(
+        list(lr.milestones) == sorted(set(lr.milestones)),
+        f"lr.milestones ({lr.milestones}) must be strictly increasing",
+    )
+    for value in lr.milestone_values:
+        _check_finite("lr.milestone_values", value)
+        _require(value > 0, f"lr.milestone_values ({lr.milestone_values}) must be positive")
+    _require(
+        0 < lr.plateau_factor < 1, f"lr.plateau_factor ({lr.plateau_factor}) must be in (0, 1)"
+    )
 
 
 def scale_learning_rate(
@@ -31,14 +94,8 @@ def scale_learning_rate(
     linear: base * B / ref, for SGD (Goyal et al. 2017, "ImageNet in 1 hour").
     sqrt: base * sqrt(B / ref), for Adam-type optimizers, whose updates are already normalised.
     none: base, for recipes whose LR was tuned at the batch actually used.
+    The arguments are validated once, by `check_config` and the plan.
     """
-    _check_kind("lr.scaling", rule, SCALING_RULES)
-    for field, value in (
-        ("lr.base", base_lr),
-        ("lr.reference_batch_size", reference_batch_size),
-        ("global_batch_size", global_batch_size),
-    ):
-        _require(value > 0, f"{field} ({value}) must be positive; set it to a value > 0")
     ratio = global_batch_size / reference_batch_size
     if rule == "linear":
         return base_lr * ratio
@@ -210,3 +267,84 @@ def _check_piecewise(
         f"lr.boundaries {tuple(boundaries)} must lie in (lr.warmup_steps, total_steps] ="
         f" ({warmup_steps}, {total_steps}]; check the unit (steps vs epochs)",
     )
+
+
+def base_schedule(plan, lr: ml_collections.ConfigDict) -> WarmupDecaySchedule:
+    """The warmup + decay curve of `plan` (a `plan.Plan`), before any mid-run change."""
+    return WarmupDecaySchedule(
+        peak_lr=plan.peak_lr,
+        total_steps=plan.total_steps,
+        warmup_steps=plan.warmup_steps,
+        warmup_kind=lr.warmup,
+        warmup_start_fraction=lr.warmup_start_fraction,
+        decay_kind=lr.decay,
+        end_fraction=lr.end_fraction,
+        power=lr.power,
+        boundaries=plan.boundaries,
+        multipliers=tuple(lr.multipliers),
+        decay_rate=lr.decay_rate,
+        decay_steps=lr.decay_steps,
+    )
+
+
+def planned_curve(plan, lr: ml_collections.ConfigDict) -> list[float]:
+    """The base schedule's LR for updates 1..total_steps (without mid-run changes), for plots."""
+    values = base_schedule(plan, lr)(np.arange(plan.total_steps))
+    return [float(v) for v in np.asarray(values)]
+
+
+class LRState(tf.Module):
+    """The checkpointed part of the LR. Create under `strategy.scope()` (the update reads it).
+
+    multiplier: product of every mid-run change (milestones, plateau, overrides, NaN recovery).
+    step_offset: plan step minus optimizer step; nonzero only after the global batch changed on
+      resume, so the schedule continues from the same number of examples seen. Derived from
+      `examples_seen` after every restore, never trusted from a checkpoint of another plan.
+    floor: the schedule is read at no earlier step than this; a `set` during warmup moves it to
+      the warmup's end, so the LR holds the value set instead of ramping on past it.
+    The rest is the controller's (lr_control.py): plateau tracking and milestones applied.
+    """
+
+    def __init__(self, plateau_mode: str):
+        super().__init__(name="lr_state")
+        self.multiplier = tf.Variable(1.0, trainable=False, name="multiplier")
+        self.step_offset = tf.Variable(0, dtype=tf.int64, trainable=False, name="step_offset")
+        self.floor = tf.Variable(0, dtype=tf.int64, trainable=False, name="floor")
+        initial_best = float("inf") if plateau_mode == "min" else float("-inf")
+        # float64: a float32 best rounds e.g. 0.3 up, so an equal metric would count as better.
+        self.plateau_best = tf.Variable(
+            initial_best, dtype=tf.float64, trainable=False, name="plateau_best"
+        )
+        self.plateau_wait = tf.Variable(0, dtype=tf.int64, trainable=False, name="plateau_wait")
+        self.plateau_cooldown = tf.Variable(0, dtype=tf.int64, trainable=False, name="cooldown")
+        self.milestones_done = tf.Variable(0, dtype=tf.int64, trainable=False, name="milestones")
+
+
+class ControlledSchedule(keras.optimizers.schedules.LearningRateSchedule):
+    """The schedule the optimizer owns: LR(step) = multiplier x base(max(step + offset, floor)).
+
+    Two variable reads and a max per update; traces once (the variables are captured, not
+    Python numbers), so a change between inner loops never retraces the compiled step.
+    """
+
+    def __init__(self, base: WarmupDecaySchedule, state: LRState):
+        self.base = base
+        self.state = state
+
+    def __call__(self, step):
+        position = tf.maximum(tf.cast(step, tf.int64) + self.state.step_offset, self.state.floor)
+        return self.state.multiplier * self.base(position)
+
+    def plan_position(self, step: int) -> int:
+        """Where on the base curve the update after `step` applied updates reads (host side)."""
+        return max(step + int(self.state.step_offset.numpy()), int(self.state.floor.numpy()))
+
+    def get_config(self) -> dict:
+        # The variables live in the checkpoint; the config describes the base curve.
+        return {"base": keras.saving.serialize_keras_object(self.base)}
+
+
+def controlled_schedule(base: WarmupDecaySchedule, lr: ml_collections.ConfigDict):
+    """The schedule to build the optimizer with, and its fresh state (under `strategy.scope()`)."""
+    state = LRState(lr.plateau_mode)
+    return ControlledSchedule(base, state)

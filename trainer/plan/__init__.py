@@ -1,16 +1,14 @@
 """The run plan: every derived number, computed once from the config and the topology.
 
-Preview a run without training (also for a topology other than this machine's):
-
-  python -m trainer.plan --config=configs/default.py --replicas=8 --plot=/tmp/lr.png
+Preview a run without training, for any topology: `python -m trainer.plan` (see __main__.py).
 """
 
 import dataclasses
 
 import ml_collections
-import numpy as np
 
-from trainer import schedules
+from trainer import learning_rate
+from trainer.errors import ConfigError
 
 UNITS = ("steps", "epochs", "examples")
 NAN_POLICIES = ("fail", "recover")
@@ -51,7 +49,7 @@ def _to_steps(value: float, unit: str, field: str, plan_facts: tuple[float, int]
     """Converts a duration to optimizer steps, the only unit the training code deals with."""
     steps_per_epoch, global_batch_size = plan_facts
     if unit not in UNITS:
-        raise ValueError(f"{field} unit ({unit!r}) is not one of {', '.join(UNITS)}")
+        raise ConfigError(f"{field} unit ({unit!r}) is not one of {', '.join(UNITS)}")
     if unit == "epochs":
         return int(round(value * steps_per_epoch))
     if unit == "examples":
@@ -63,7 +61,7 @@ def _duration(config: ml_collections.ConfigDict, prefix: str, plan_facts: tuple[
     """Reads `{prefix}_steps`, overridden by `{prefix}_epochs`/`{prefix}_examples` when set."""
     given = [u for u in ("epochs", "examples") if config.get(f"{prefix}_{u}") is not None]
     if len(given) > 1:
-        raise ValueError(
+        raise ConfigError(
             f"both {prefix}_epochs and {prefix}_examples are set; give the duration in one unit"
         )
     unit = given[0] if given else "steps"
@@ -72,14 +70,14 @@ def _duration(config: ml_collections.ConfigDict, prefix: str, plan_facts: tuple[
 
 def _check_choice(field: str, value: str, choices: tuple[str, ...]) -> None:
     if value not in choices:
-        raise ValueError(f"{field} ({value!r}) is not one of {', '.join(choices)}")
+        raise ConfigError(f"{field} ({value!r}) is not one of {', '.join(choices)}")
 
 
 def _check_positive(config: ml_collections.ConfigDict, *fields: str) -> None:
     for field in fields:
         value = config[field]
         if value is not None and value <= 0:
-            raise ValueError(f"{field} ({value}) must be positive")
+            raise ConfigError(f"{field} ({value}) must be positive")
 
 
 def check_config(config: ml_collections.ConfigDict) -> None:
@@ -96,22 +94,8 @@ def check_config(config: ml_collections.ConfigDict) -> None:
         "checkpoint_every_steps",
         "max_checkpoints_to_keep",
     )
-    _check_positive(config, "lr.base", "lr.reference_batch_size")  # Dotted: named in errors.
-    _check_choice("lr.scaling", config.lr.scaling, schedules.SCALING_RULES)
-    _check_choice("lr.warmup", config.lr.warmup, schedules.WARMUP_KINDS)
-    _check_choice("lr.decay", config.lr.decay, schedules.DECAY_KINDS)
-    _check_choice("lr.milestone_action", config.lr.milestone_action, ("multiply", "set"))
-    _check_choice("lr.plateau_mode", config.lr.plateau_mode, ("min", "max"))
     _check_choice("nan_policy", config.nan_policy, NAN_POLICIES)
-    if len(config.lr.milestones) != len(config.lr.milestone_values):
-        raise ValueError(
-            f"lr.milestones ({config.lr.milestones}) and lr.milestone_values "
-            f"({config.lr.milestone_values}) need one value per milestone"
-        )
-    if list(config.lr.milestones) != sorted(set(config.lr.milestones)):
-        raise ValueError(f"lr.milestones ({config.lr.milestones}) must be strictly increasing")
-    if not 0 < config.lr.plateau_factor < 1:
-        raise ValueError(f"lr.plateau_factor ({config.lr.plateau_factor}) must be in (0, 1)")
+    learning_rate.check_config(config.lr)
 
 
 def make_plan(
@@ -121,7 +105,7 @@ def make_plan(
     check_config(config)
     global_batch_size = config.global_batch_size
     if global_batch_size % num_replicas:
-        raise ValueError(
+        raise ConfigError(
             f"global_batch_size ({global_batch_size}) is not divisible by the {num_replicas} "
             f"replicas; use a multiple of {num_replicas}"
         )
@@ -130,7 +114,7 @@ def make_plan(
     total_steps = _duration(config, "total", facts)
     warmup_steps = _duration(config.lr, "warmup", facts)
     if total_steps <= 0:
-        raise ValueError(f"the run is {total_steps} steps long; raise total_steps/total_epochs")
+        raise ConfigError(f"the run is {total_steps} steps long; raise total_steps/total_epochs")
     lr = config.lr
     boundaries = tuple(
         _to_steps(b, lr.boundaries_unit, "lr.boundaries", facts) for b in lr.boundaries
@@ -150,32 +134,13 @@ def make_plan(
         base_lr=lr.base,
         reference_batch_size=lr.reference_batch_size,
         lr_scaling=lr.scaling,
-        peak_lr=schedules.scale_learning_rate(
+        peak_lr=learning_rate.scale_learning_rate(
             lr.base, lr.reference_batch_size, global_batch_size, lr.scaling
         ),
         boundaries=boundaries,
         milestones=milestones,
     )
-    make_schedule(plan, lr)  # Validates the schedule's own constraints now, not at step 1.
     return plan
-
-
-def make_schedule(plan: Plan, lr: ml_collections.ConfigDict) -> schedules.WarmupDecaySchedule:
-    """The base warmup + decay curve for this plan (lr_control scales it during the run)."""
-    return schedules.WarmupDecaySchedule(
-        peak_lr=plan.peak_lr,
-        total_steps=plan.total_steps,
-        warmup_steps=plan.warmup_steps,
-        warmup_kind=lr.warmup,
-        warmup_start_fraction=lr.warmup_start_fraction,
-        decay_kind=lr.decay,
-        end_fraction=lr.end_fraction,
-        power=lr.power,
-        boundaries=plan.boundaries,
-        multipliers=tuple(lr.multipliers),
-        decay_rate=lr.decay_rate,
-        decay_steps=lr.decay_steps,
-    )
 
 
 def key_steps(plan: Plan) -> list[int]:
@@ -185,15 +150,9 @@ def key_steps(plan: Plan) -> list[int]:
     return sorted(s for s in steps if 1 <= s <= plan.total_steps)
 
 
-def lr_curve(plan: Plan, lr: ml_collections.ConfigDict) -> list[float]:
-    """The base schedule's LR for updates 1..total_steps (without mid-run control changes)."""
-    values = make_schedule(plan, lr)(np.arange(plan.total_steps))
-    return [float(v) for v in np.asarray(values)]
-
-
 def describe(plan: Plan, lr: ml_collections.ConfigDict) -> str:
     """The plan plus the LR at key steps, as printed by `python -m trainer.plan`."""
-    curve = lr_curve(plan, lr)
+    curve = learning_rate.planned_curve(plan, lr)
     lines = [plan.summary(), "step | epoch | learning rate"]
     for step in key_steps(plan):
         lines.append(f"{step} | {step / plan.steps_per_epoch:.2f} | {curve[step - 1]:.6g}")
@@ -210,7 +169,7 @@ def plot(plan: Plan, lr: ml_collections.ConfigDict, path: str) -> None:
     from matplotlib import pyplot
 
     figure, axes = pyplot.subplots(figsize=(7, 3.5))
-    axes.plot(range(1, plan.total_steps + 1), lr_curve(plan, lr))
+    axes.plot(range(1, plan.total_steps + 1), learning_rate.planned_curve(plan, lr))
     axes.set_xlabel("step")
     axes.set_ylabel("learning rate")
     axes.set_title(
@@ -221,38 +180,3 @@ def plot(plan: Plan, lr: ml_collections.ConfigDict, path: str) -> None:
     figure.tight_layout()
     figure.savefig(path, dpi=100)
     pyplot.close(figure)
-
-
-def _main(argv: list[str]) -> None:
-    del argv
-    config = _CONFIG.value
-    train_examples = _TRAIN_EXAMPLES.value
-    if train_examples is None:
-        from trainer import sources  # TF and TFDS load only when the metadata is needed.
-
-        train_examples = sources.num_train_examples(config.dataset)
-    plan = make_plan(
-        config,
-        num_replicas=_REPLICAS.value,
-        num_workers=_WORKERS.value,
-        train_examples=train_examples,
-    )
-    print(describe(plan, config.lr))
-    if _PLOT.value:
-        plot(plan, config.lr, _PLOT.value)
-        print(f"wrote {_PLOT.value}")
-
-
-if __name__ == "__main__":
-    from absl import app, flags
-    from ml_collections import config_flags
-
-    _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file.", lock_config=True)
-    _REPLICAS = flags.DEFINE_integer("replicas", 1, "Replicas to plan for (all workers).")
-    _WORKERS = flags.DEFINE_integer("workers", 1, "Hosts to plan for.")
-    _TRAIN_EXAMPLES = flags.DEFINE_integer(
-        "train_examples", None, "Train split size; read from the prepared dataset when unset."
-    )
-    _PLOT = flags.DEFINE_string("plot", "lr_schedule.png", "Where to write the LR plot; '' = none.")
-    flags.mark_flag_as_required("config")
-    app.run(_main)

@@ -1,0 +1,190 @@
+"""The manual LR override file, `WORKDIR/lr_override.json`: reading, checking and renaming it.
+
+The file holds `{"set": LR}` or `{"multiply": FACTOR}`. It is hand-written, often on Windows, so
+it is decoded as UTF-8 with or without a BOM, or as UTF-16/UTF-32 with a BOM (what PowerShell 5's
+`>` writes). This module is the file protocol only; `lr_control` does the LR math.
+
+Contract with the caller, at a loop boundary:
+
+1. `take_pending(workdir, step)` returns the pending `Request`, or None. A bad file raises
+   `Rejected` after it is renamed `lr_override.rejected-STEP.json`: it acts once, leaves a
+   record, and the caller logs the message and trains on (a typo must not kill a long run).
+2. The caller applies the request, then saves a checkpoint, then calls `mark_applied`, which
+   renames the file `lr_override.applied-STEP.json`. Until then the file stays pending, so a crash
+   between applying and checkpointing re-applies it on the rerun instead of losing it.
+3. Trap: a pending file is returned again by every `take_pending`, so the caller must checkpoint
+   and call `mark_applied` before the next one, or a multiply would be applied once per loop.
+   A valid request that cannot be applied (a set where the schedule is 0) gets `mark_rejected`.
+
+Known windows, both the length of one rename: a crash after the checkpoint but before
+`mark_applied` re-applies the request on the rerun (harmless for "set", doubles a "multiply"); a
+file replaced by a new one between `take_pending` and `mark_applied` is marked applied unread.
+Writing the file elsewhere and moving it into place avoids reading it half-written (that reads
+as a rejection; write it again). Cost: one read attempt per loop boundary (a `gs://` GET).
+"""
+
+import dataclasses
+import json
+import math
+
+import tensorflow as tf
+
+OVERRIDE_FILE = "lr_override.json"
+ACTIONS = ("set", "multiply")
+_SHOWN_CHARS = 200  # How much of a rejected file goes into the (one-line) message.
+
+# Longest first: the UTF-32 LE BOM starts with the UTF-16 LE one.
+_BOMS = (
+    (b"\xff\xfe\x00\x00", "utf-32-le"),
+    (b"\x00\x00\xfe\xff", "utf-32-be"),
+    (b"\xef\xbb\xbf", "utf-8"),
+    (b"\xff\xfe", "utf-16-le"),
+    (b"\xfe\xff", "utf-16-be"),
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class Request:
+    """A checked override: `action` is "set" (the LR) or "multiply" (the LR by `value`)."""
+
+    action: str
+    value: float
+
+    def __post_init__(self):
+        if self.action not in ACTIONS:
+            raise ValueError(f"unknown action {self.action!r}, use 'set' or 'multiply'")
+        if not math.isfinite(self.value):
+            raise ValueError(f"{self.action} value {self.value} is not a finite number")
+        if self.value <= 0:
+            raise ValueError(f"{self.action} value {self.value} is not > 0")
+
+    def __str__(self) -> str:
+        return json.dumps({self.action: self.value})  # As written in the file, for logs.
+
+
+class Rejected(ValueError):
+    """A bad override file. The one-line message names the file, the problem and the fix."""
+
+    def __init__(self, path: str, received: str | bytes, problem: str, kept_as: str | None = None):
+        self.path = path
+        self.received = received
+        self.problem = problem
+        self.kept_as = kept_as
+        shown = repr(received[:_SHOWN_CHARS])
+        if len(received) > _SHOWN_CHARS:
+            unit = "bytes" if isinstance(received, bytes) else "characters"
+            shown += f"... ({len(received)} {unit} in all)"
+        ignored = f"ignored it (kept as {kept_as})" if kept_as else "ignored it"
+        super().__init__(
+            f'{path} must hold {{"set": LR}} or {{"multiply": FACTOR}} with a positive number, '
+            f"got {shown} ({problem}); {ignored}, write a new one"
+        )
+
+
+def _decode(raw: bytes) -> str:
+    """UTF-8 with or without a BOM, UTF-16/32 only with one (it says which byte order)."""
+    for bom, codec in _BOMS:
+        if raw.startswith(bom):
+            return raw[len(bom) :].decode(codec)
+    return raw.decode("utf-8")
+
+
+def _unique_keys(pairs: list[tuple[str, object]]) -> dict:
+    keys = [key for key, _ in pairs]
+    if len(set(keys)) != len(keys):
+        raise ValueError(f"duplicate keys {keys}")  # json would silently keep the last one.
+    return dict(pairs)
+
+
+def parse(raw: bytes, path: str) -> Request:
+    """Decodes and checks the bytes of an override file.
+
+    Args:
+      raw: the file's contents.
+      path: the file's path, for the error message.
+
+    Returns:
+      The request it holds.
+
+    Raises:
+      Rejected: undecodable, not JSON, not a one-key object, unknown action, a value that is not
+        a number (booleans are not numbers), not finite or not > 0.
+    """
+    try:
+        text = _decode(raw)
+    except UnicodeDecodeError:
+        problem = "not UTF-8, nor UTF-16 or UTF-32 with a byte-order mark: save it as UTF-8"
+        raise Rejected(path, raw, problem) from None
+    if "\x00" in text:
+        problem = "NUL characters: UTF-16 without a byte-order mark? save it as UTF-8"
+        raise Rejected(path, text, problem)
+    if not text.strip():
+        raise Rejected(path, text, "the file is empty")
+    try:
+        content = json.loads(text, object_pairs_hook=_unique_keys)
+    except json.JSONDecodeError as error:
+        raise Rejected(path, text, f"not JSON: {error}") from None
+    except (ValueError, RecursionError) as error:  # Duplicate keys; absurdly deep nesting.
+        raise Rejected(path, text, f"not valid: {error}") from None
+    if not isinstance(content, dict) or len(content) != 1:
+        raise Rejected(path, text, "not an object with exactly one key")
+    ((action, value),) = content.items()
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise Rejected(path, text, f"{action} value {json.dumps(value)} is not a number")
+    try:
+        return Request(action, float(value))
+    except (OverflowError, ValueError) as error:  # OverflowError: an int beyond float range.
+        problem = str(error) if isinstance(error, ValueError) else f"{action} value is too large"
+        raise Rejected(path, text, problem) from None
+
+
+def _path(workdir: str, name: str = OVERRIDE_FILE) -> str:
+    return f"{workdir}/{name}"
+
+
+def take_pending(workdir: str, step: int) -> Request | None:
+    """Reads `WORKDIR/lr_override.json` if there is one; it stays pending until `mark_applied`.
+
+    Args:
+      workdir: the run's directory (local or `gs://`).
+      step: the current step, names the record of a rejected file.
+
+    Returns:
+      The pending request, or None if there is no file.
+
+    Raises:
+      Rejected: the file is bad; it has been renamed `lr_override.rejected-STEP.json`. Log the
+        message and train on.
+    """
+    path = _path(workdir)
+    try:
+        with tf.io.gfile.GFile(path, "rb") as f:
+            raw = f.read()
+    except tf.errors.NotFoundError:  # The usual case. Reading directly saves an exists() call.
+        return None
+    try:
+        return parse(raw, path)
+    except Rejected as error:
+        kept_as = mark_rejected(workdir, step)
+        raise Rejected(error.path, error.received, error.problem, kept_as) from None
+
+
+def _rename(workdir: str, step: int, outcome: str) -> str | None:
+    renamed = _path(workdir, f"lr_override.{outcome}-{step}.json")
+    try:
+        tf.io.gfile.rename(_path(workdir), renamed, overwrite=True)
+    except tf.errors.NotFoundError:  # Deleted by hand meanwhile: nothing left to mark.
+        return None
+    return renamed
+
+
+def mark_applied(workdir: str, step: int) -> str | None:
+    """Renames the pending file `lr_override.applied-STEP.json`. Call only once the change is in a
+    saved checkpoint. Returns the new path, or None if the file is gone."""
+    return _rename(workdir, step, "applied")
+
+
+def mark_rejected(workdir: str, step: int) -> str | None:
+    """Renames the pending file `lr_override.rejected-STEP.json`, e.g. for a valid request that
+    cannot be applied. Returns the new path, or None if the file is gone."""
+    return _rename(workdir, step, "rejected")

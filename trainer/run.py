@@ -1,0 +1,195 @@
+"""A run in its workdir: its state with the checkpoints, LR control and metrics that go with it.
+
+`train.py` drives the outer loop; this object owns what the loop must get right across a stop:
+restoring or initializing, saving, recovering from a NaN, and applying an LR override durably.
+"""
+
+import os
+
+import ml_collections
+import tensorflow as tf
+from absl import logging
+
+from trainer import checkpointing, learning_rate, lr_control, lr_override, metrics
+from trainer import state as state_lib
+from trainer.errors import ConfigError, UserError
+from trainer.setup import Setup
+
+
+class NonFiniteLossError(UserError, FloatingPointError):
+    """The loss became NaN/Inf and `nan_policy` says to stop; the message names the fix."""
+
+
+class Run:
+    """The state of one run and everything that reads or writes it between inner loops."""
+
+    def __init__(self, setup: Setup, workdir: str):
+        self.setup = setup
+        self.workdir = workdir
+        self.config: ml_collections.ConfigDict = setup.config
+        self.plan = setup.plan
+        # Model, optimizer (owning the LR) and the rest of the state, under the strategy.
+        self.state = state_lib.build_state(setup)
+        topology = setup.topology
+        self.checkpointer = checkpointing.Checkpointer(
+            self.state.checkpoint,
+            workdir,
+            is_chief=topology.is_chief,
+            worker_index=topology.worker_index,
+            max_to_keep=self.config.max_checkpoints_to_keep,
+        )
+        self.controller = lr_control.LRController(
+            config=self.config.lr,
+            milestone_steps=self.plan.milestones,
+            schedule=self.state.schedule,
+        )
+        self.last_saved_step: int | None = None
+        self._recoveries = 0
+        self.writer: metrics.MetricWriter | None = None  # Opened once the resume step is known.
+
+    @classmethod
+    def start(cls, setup: Setup, workdir: str) -> "Run":
+        """Builds the state, restores it (or writes ckpt-0) and opens the logs at its step."""
+        run = cls(setup, workdir)
+        run.restore_or_initialize()
+        run.writer = metrics.MetricWriter(
+            workdir,
+            enabled=setup.topology.is_chief,
+            total_steps=run.plan.total_steps,
+            resume_step=run.state.step,
+        )
+        run._describe()
+        return run
+
+    def _describe(self) -> None:
+        """The resolved config and plan, in the workdir and TensorBoard; the planned LR curve."""
+        config_json = self.config.to_json_best_effort(indent=2)
+        if self.setup.topology.is_chief:
+            with tf.io.gfile.GFile(os.path.join(self.workdir, "config.json"), "w") as f:
+                f.write(config_json)
+        self.writer.write_text("plan", self.plan.summary())
+        self.writer.write_text("config", config_json)
+        if self.step == 0:
+            self.writer.write_lr_curve(learning_rate.planned_curve(self.plan, self.config.lr))
+
+    @property
+    def step(self) -> int:
+        return self.state.step
+
+    @property
+    def plan_step(self) -> int:
+        return self.state.plan_step
+
+    @property
+    def examples_seen(self) -> int:
+        return int(self.state.examples_seen.numpy())
+
+    def manifest(self) -> checkpointing.Manifest:
+        return state_lib.manifest(self.setup, self.state)
+
+    def restore_or_initialize(self) -> None:
+        """Resumes from the newest readable checkpoint, or writes ckpt-0 for a fresh run.
+
+        What happens on resume: (1) model, optimizer slots and step, LR state, input position
+        and dropout RNG come back; (2) the schedule is aligned with this run's plan (see
+        `_align_schedule`); (3) training continues from `examples_seen` in the data stream.
+        """
+        restored = self.checkpointer.restore_latest(self.manifest())
+        if restored is None:
+            self.save()  # What NaN recovery returns to.
+            return
+        old = restored.plan
+        if old["global_batch_size"] != self.plan.global_batch_size:
+            logging.warning(
+                "global batch changed %d -> %d on resume: continuing the schedule at step %d of "
+                "the new plan (%d examples seen); peak lr %.6g -> %.6g",
+                old["global_batch_size"],
+                self.plan.global_batch_size,
+                self.examples_seen // self.plan.global_batch_size,
+                self.examples_seen,
+                old["peak_lr"],
+                self.plan.peak_lr,
+            )
+        if old["num_replicas"] != self.plan.num_replicas:
+            logging.warning(
+                "replicas changed %d -> %d on resume", old["num_replicas"], self.plan.num_replicas
+            )
+        self._align_schedule(restored)
+        self.last_saved_step = self.step
+        logging.info("resumed at step %d (%d examples seen)", self.step, self.examples_seen)
+
+    def _align_schedule(self, restored: checkpointing.Manifest) -> None:
+        """Puts the restored LR state on this run's plan axis, after every restore.
+
+        The plan step is derived from the examples seen, never trusted from the checkpoint: one
+        written under another global batch holds that plan's offset (and floor), and restoring it
+        as is would rewind or skip the schedule (also when a NaN recovery restores it).
+        """
+        lr_state = self.state.lr_state
+        batch = self.plan.global_batch_size
+        lr_state.step_offset.assign(self.examples_seen // batch - self.step)
+        old_batch = restored.plan["global_batch_size"]
+        lr_state.floor.assign(int(lr_state.floor.numpy()) * old_batch // batch)
+
+    def save(self) -> None:
+        """Checkpoints the state at the current step (its manifest marks it complete)."""
+        self.checkpointer.save(self.manifest())
+        self.last_saved_step = self.step
+
+    def recover_from_non_finite(self, loss: float) -> str:
+        """Applies `config.nan_policy`; a NaN state is never checkpointed, older ones stay.
+
+        Returns the LR event of the recovery. Raises NonFiniteLossError when the policy (or the
+        number of recoveries) says to stop.
+        """
+        self._recoveries += 1
+        config = self.config
+        complete = self.checkpointer.complete_steps()
+        last_good = f"{self.checkpointer.directory}/ckpt-{complete[0]}" if complete else "none"
+        if config.nan_policy == "fail" or self._recoveries > config.nan_max_recoveries:
+            gave_up = (
+                f" after {config.nan_max_recoveries} recoveries" if self._recoveries > 1 else ""
+            )
+            raise NonFiniteLossError(
+                f"training loss is {loss} in the inner loop ending at step {self.step}{gave_up}; "
+                f"last good checkpoint: {last_good} (kept). Lower lr.base, set "
+                "optimizer.grad_clip_norm, or use --config.nan_policy=recover"
+            )
+        logging.warning(
+            "loss is %s at step %d: restoring %s (recovery %d of %d)",
+            loss,
+            self.step,
+            last_good,
+            self._recoveries,
+            config.nan_max_recoveries,
+        )
+        restored = self.checkpointer.restore_latest(self.manifest())
+        self._align_schedule(restored)
+        self.writer.rewind(self.step)
+        return self.controller.scale(config.nan_lr_factor, self.step, "NaN recovery")
+
+    def take_lr_override(self) -> tuple[list[str], bool]:
+        """Applies a pending `lr_override.json`; returns its events and whether it changed the LR.
+
+        A change is marked applied (the file renamed) only after `save()` made it durable, so the
+        caller must save when this returns True and then call `lr_override.mark_applied`.
+        """
+        step = self.step
+        try:
+            request = lr_override.take_pending(self.workdir, step)
+        except lr_override.Rejected as rejected:
+            logging.error("%s", rejected)
+            return [str(rejected)], False
+        if request is None:
+            return [], False
+        try:
+            return [self.controller.apply_override(request, step)], True
+        except ConfigError as error:  # A set where the schedule is 0: nothing to scale from.
+            lr_override.mark_rejected(self.workdir, step)
+            message = f"ignored manual override {request}: {error}"
+            logging.error("%s", message)
+            return [message], False
+
+    def log_events(self, events: list[str]) -> None:
+        for event in events:
+            self.writer.write(self.step, {"lr_event": event}, kind="event")

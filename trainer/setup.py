@@ -1,0 +1,97 @@
+"""Run set-up: the strategy, the data and the plan, resolved once before any variable exists."""
+
+import dataclasses
+
+import ml_collections
+import tensorflow as tf
+from absl import logging
+
+from trainer import data, distribute, learning_rate, preprocessing, sources
+from trainer import plan as plan_lib
+
+
+@dataclasses.dataclass(frozen=True)
+class Setup:
+    """Everything resolved once at start-up; also where both input pipelines are built."""
+
+    config: ml_collections.ConfigDict
+    strategy: tf.distribute.Strategy
+    topology: distribute.Topology
+    plan: plan_lib.Plan
+    schedule: learning_rate.WarmupDecaySchedule  # The plan's base LR curve.
+    train_split: sources.Split
+    eval_split: sources.Split
+    preprocessing: preprocessing.Preprocessing
+    num_classes: int
+
+    @property
+    def input_shape(self) -> tuple[int, int, int]:
+        """What the model sees, after preprocessing."""
+        return self.preprocessing.output_shape(self.train_split.image_shape)
+
+    def train_iterator(self, start_position: int):
+        """A distributed iterator over the endless train stream, `start_position` examples in."""
+        dataset_fn = data.train_dataset_fn(
+            self.train_split,
+            global_batch_size=self.plan.global_batch_size,
+            start_position=start_position,
+            seed=self.config.seed,
+            preprocessing=self.preprocessing,
+        )
+        return iter(self.strategy.distribute_datasets_from_function(dataset_fn))
+
+    def eval_input(self) -> tuple[tf.distribute.DistributedDataset, int]:
+        """The eval split once over, padded to whole global batches, and its number of steps."""
+        dataset_fn, num_steps = data.eval_dataset_fn(
+            self.eval_split,
+            global_batch_size=self.plan.global_batch_size,
+            preprocessing=self.preprocessing,
+        )
+        return self.strategy.distribute_datasets_from_function(dataset_fn), num_steps
+
+
+def _set_determinism(config: ml_collections.ConfigDict) -> bool:
+    deterministic = config.deterministic
+    if deterministic is None:  # Default: on unless an accelerator is present.
+        accelerators = tf.config.list_logical_devices("GPU") + tf.config.list_logical_devices("TPU")
+        deterministic = not accelerators
+    if deterministic:
+        tf.config.experimental.enable_op_determinism()
+    return deterministic
+
+
+def prepare(config: ml_collections.ConfigDict) -> Setup:
+    """Builds the strategy, loads the data and resolves the plan; logs the plan once.
+
+    Every user error surfaces here, before anything is written to the workdir.
+    """
+    # The strategy first: logical CPU devices must be set up before any TF op runs.
+    strategy = distribute.create_strategy(config.distribution)
+    topology = distribute.topology(strategy, config.distribution.strategy)
+    plan_lib.check_config(config)
+    deterministic = _set_determinism(config)
+    image_preprocessing = preprocessing.from_config(config.dataset)
+    train_split = sources.load_split(config.dataset, config.dataset.train_split)
+    eval_split = sources.load_split(config.dataset, config.dataset.eval_split)
+    plan = plan_lib.make_plan(
+        config,
+        num_replicas=topology.num_replicas,
+        num_workers=topology.num_workers,
+        train_examples=train_split.num_examples,
+    )
+    setup = Setup(
+        config=config,
+        strategy=strategy,
+        topology=topology,
+        plan=plan,
+        schedule=learning_rate.base_schedule(plan, config.lr),
+        train_split=train_split,
+        eval_split=eval_split,
+        preprocessing=image_preprocessing,
+        num_classes=sources.num_classes(config.dataset),
+    )
+    # `input_shape` also fails here, before any file is written, if images need an image_size.
+    logging.info(
+        "%s | input: %s | deterministic: %s", plan.summary(), setup.input_shape, deterministic
+    )
+    return setup
