@@ -19,6 +19,9 @@ def get_config() -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
 
     config.seed = 0  # Seeds weights, data order and dropout.
+    # A resumed run refuses another seed, dataset or train split (they change which examples
+    # come next); True accepts the change. Every other changed field is logged on resume.
+    config.allow_data_change_on_resume = False
     # Op determinism (runs are always seeded) for bitwise-reproducible runs; None = on when no
     # GPU/TPU is used.
     config.deterministic = config_dict.placeholder(bool)

@@ -8,6 +8,7 @@ import testutil
 
 from configs import default as default_config
 from trainer import checkpointing, models, optimizers
+from trainer.errors import ConfigError
 from trainer.learning_rate import WarmupDecaySchedule
 
 # (input shape, width) per model; resnet50 has a fixed width (not in the width test).
@@ -217,3 +218,37 @@ def test_unknown_optimizer_lists_the_names():
     assert "'lamb'" in message
     for name in ("sgd", "adam", "adamw"):
         assert name in message
+
+
+# (model fields, fragments of the error: the field, its value and the fix)
+BAD_MODEL_CASES = [
+    ({"dropout_rate": 1.5}, ["model.dropout_rate (1.5)", "[0, 1)", "e.g. 0.1"]),
+    ({"dropout_rate": 1.0}, ["model.dropout_rate (1.0)", "[0, 1)"]),
+    ({"dropout_rate": -0.2}, ["model.dropout_rate (-0.2)", "[0, 1)"]),
+    ({"dropout_rate": float("nan")}, ["model.dropout_rate (nan)", "[0, 1)"]),
+    ({"width": 0}, ["model.width (0)", "positive integer", "e.g. 32"]),
+    ({"width": -4}, ["model.width (-4)", "positive integer"]),
+    ({"name": "vgg"}, ["model.name ('vgg')", "mlp, small_cnn, resnet_cifar, resnet50"]),
+]
+
+
+@pytest.mark.parametrize(("fields", "fragments"), BAD_MODEL_CASES)
+def test_check_config_names_the_field(fields, fragments):
+    config = _model_config("mlp")
+    for key, value in fields.items():
+        config[key] = value
+    with pytest.raises(ConfigError) as error:
+        models.check_config(config)
+    for fragment in fragments:
+        assert fragment in str(error.value), (fragment, str(error.value))
+
+
+@pytest.mark.parametrize("rate", [0.0, 0.5, 0.99])
+def test_check_config_accepts_dropout_in_range(rate):
+    models.check_config(_model_config("small_cnn", width=1, dropout_rate=rate))
+
+
+def test_build_model_rejects_bad_dropout_before_keras():
+    # Keras' own message ("Expected a float value between 0 and 1") names no config field.
+    with pytest.raises(ConfigError, match=r"model\.dropout_rate \(1\.5\)"):
+        models.build_model(_model_config("mlp", 2, 1.5), (4, 4, 1), 10, seed=0)

@@ -99,15 +99,35 @@ class Checkpointer:
             return Manifest(**json.load(f))
 
     def save(self, manifest: Manifest) -> str:
-        """Writes the checkpoint, then its manifest (the commit marker), then prunes old ones."""
-        prefix = self._checkpoint.write(self._prefix(manifest.step, self._write_directory))
-        if not self._is_chief:
-            tf.io.gfile.rmtree(self._write_directory)
-            return prefix
-        temporary = prefix + ".manifest.json.tmp"
-        with tf.io.gfile.GFile(temporary, "w") as f:
-            json.dump(dataclasses.asdict(manifest), f, indent=1, sort_keys=True)
-        tf.io.gfile.rename(temporary, prefix + ".manifest.json", overwrite=True)
+        """Writes the checkpoint, then its manifest (the commit marker), then prunes old ones.
+
+        A failed write (a full disk, a lost bucket) leaves a save without a manifest, which is
+        never restored: the previous checkpoint stays the newest complete one. It is reported
+        as one `CheckpointError` line naming the path.
+        """
+        prefix = self._prefix(manifest.step, self._write_directory)
+        try:
+            prefix = self._checkpoint.write(prefix)
+            if not self._is_chief:
+                tf.io.gfile.rmtree(self._write_directory)
+                return prefix
+            temporary = prefix + ".manifest.json.tmp"
+            with tf.io.gfile.GFile(temporary, "w") as f:
+                json.dump(dataclasses.asdict(manifest), f, indent=1, sort_keys=True)
+            tf.io.gfile.rename(temporary, prefix + ".manifest.json", overwrite=True)
+        except (OSError, tf.errors.OpError) as error:
+            complete = self.complete_steps()
+            intact = (
+                f"the previous checkpoint {self._prefix(complete[0])} is intact"
+                if complete
+                else "there is no earlier complete checkpoint"
+            )
+            reason = (getattr(error, "message", None) or str(error)).strip().splitlines()
+            raise CheckpointError(
+                f"cannot write checkpoint {prefix} ({reason[0] if reason else type(error)}); "
+                f"{intact}: free space (or fix the file system) and rerun the same command to "
+                "resume"
+            ) from error
         self._prune(keep_after=manifest.step)
         return prefix
 

@@ -10,6 +10,8 @@ import keras
 import tensorflow as tf
 
 SUM = tf.distribute.ReduceOp.SUM
+# What `eval_loop` returns, in order; `lr.plateau_metric` must be one (checked at start-up).
+EVAL_METRICS = ("eval_loss", "eval_accuracy")
 
 
 def _per_example_loss(labels: tf.Tensor, logits: tf.Tensor) -> tf.Tensor:
@@ -106,6 +108,6 @@ def make_eval_loop(
                 for t, v in zip(totals, per_replica, strict=True)
             ]
         loss_sum, correct_sum, count = totals
-        return {"eval_loss": loss_sum / count, "eval_accuracy": correct_sum / count}
+        return dict(zip(EVAL_METRICS, (loss_sum / count, correct_sum / count), strict=True))
 
     return eval_loop

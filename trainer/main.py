@@ -9,10 +9,15 @@ user error, a traceback for anything else).
 
 import sys
 
-import tensorflow as tf
-from absl import logging
+from trainer import preemption
 
-from trainer import cli, preemption, train
+if __name__ == "__main__":  # Before the heavy imports: a signal during them still ends in 42.
+    preemption.install_for_process()
+
+import tensorflow as tf  # noqa: E402
+from absl import logging  # noqa: E402
+
+from trainer import cli, train  # noqa: E402
 
 
 def main(argv: list[str]) -> None:
@@ -22,6 +27,7 @@ def main(argv: list[str]) -> None:
         train.train_and_evaluate(cli.CONFIG.value, cli.WORKDIR.value)
     except preemption.Preempted as stop:
         logging.warning("%s", stop)
+        preemption.ignore_while_exiting()
         sys.exit(preemption.EXIT_CODE_PREEMPTED)
 
 

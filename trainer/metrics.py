@@ -16,14 +16,25 @@ class MetricWriter:
 
     The JSONL file is appended and flushed per record, and on resume records past the restored
     step are dropped first, so each step appears once even after a crash between a log and the
-    next checkpoint.
+    next checkpoint. Records carry the optimizer step; the progress line counts plan steps
+    (`step + step_offset`, as `total_steps` does) so step/total and the ETA agree after the global
+    batch changed on resume. A failed write (e.g. a full disk) is one `MetricsWriteError` line.
     """
 
-    def __init__(self, workdir: str, *, enabled: bool, total_steps: int, resume_step: int):
+    def __init__(
+        self,
+        workdir: str,
+        *,
+        enabled: bool,
+        total_steps: int,
+        resume_step: int,
+        step_offset: int = 0,
+    ):
         self._enabled = enabled
         self._total_steps = total_steps
+        self._step_offset = step_offset
         self._start_time = time.monotonic()
-        self._start_step = resume_step
+        self._start_step = resume_step + step_offset
         if not enabled:
             return
         self._path = os.path.join(workdir, "metrics.jsonl")
@@ -39,22 +50,26 @@ class MetricWriter:
             self._jsonl.close()
         _truncate_after(self._path, step)
         self._jsonl = tf.io.gfile.GFile(self._path, "a")
-        self._start_time, self._start_step = time.monotonic(), step
+        self._start_time, self._start_step = time.monotonic(), step + self._step_offset
 
     def write(self, step: int, record: dict[str, float], kind: str = "train") -> None:
         """Appends `{"step": step, **record}` and mirrors the scalars to TensorBoard."""
         if not self._enabled:
             return
-        self._jsonl.write(json.dumps({"step": step, **record}) + "\n")
-        self._jsonl.flush()
-        with self._summary.as_default(step=step):
-            for name, value in record.items():
-                if isinstance(value, (int, float)):
-                    tf.summary.scalar(name, value)
-        self._summary.flush()
+        try:
+            self._jsonl.write(json.dumps({"step": step, **record}) + "\n")
+            self._jsonl.flush()
+            with self._summary.as_default(step=step):
+                for name, value in record.items():
+                    if isinstance(value, (int, float)):
+                        tf.summary.scalar(name, value)
+            self._summary.flush()
+        except (OSError, tf.errors.OpError) as error:
+            raise MetricsWriteError(self._path, error) from error
         logging.info("%s", self._progress_line(step, record, kind))
 
     def _progress_line(self, step: int, record: dict[str, float], kind: str) -> str:
+        step += self._step_offset
         elapsed = time.monotonic() - self._start_time
         steps_per_sec = (step - self._start_step) / elapsed if elapsed > 0 else 0.0
         eta = (self._total_steps - step) / steps_per_sec if steps_per_sec > 0 else float("nan")
@@ -110,6 +125,17 @@ def _truncate_after(path: str, step: int) -> None:
         with tf.io.gfile.GFile(temporary, "wb") as f:
             f.write(kept)
         tf.io.gfile.rename(temporary, path, overwrite=True)
+
+
+class MetricsWriteError(UserError):
+    """metrics.jsonl or the event files could not be written (e.g. the disk is full)."""
+
+    def __init__(self, path: str, error: Exception):
+        reason = getattr(error, "message", None) or str(error)
+        super().__init__(
+            f"cannot write {path} ({reason.strip().splitlines()[0]}); the newest checkpoint is "
+            "intact: free space (or fix the file system) and rerun the same command to resume"
+        )
 
 
 class MetricsFileError(UserError, ValueError):

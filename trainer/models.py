@@ -66,6 +66,30 @@ MODELS: dict[str, Callable[[ml_collections.ConfigDict, keras.KerasTensor], keras
 }
 
 
+def check_config(config: ml_collections.ConfigDict) -> None:
+    """Validates `config.model` at start-up (`plan.check_config` calls it), before the workdir
+    exists; Keras would only fail once the model is built, without naming the field.
+
+    Raises:
+      ConfigError: naming the field, its value and the fix.
+    """
+    if config.name not in MODELS:
+        raise ConfigError(f"model.name ({config.name!r}) is not one of {', '.join(MODELS)}")
+    width = config.width
+    if isinstance(width, bool) or not isinstance(width, int) or width <= 0:
+        raise ConfigError(
+            f"model.width ({width}) must be a positive integer (channels of the first stage), "
+            "e.g. 32"
+        )
+    rate = config.dropout_rate
+    # Also rejects nan: every comparison with nan is False.
+    if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0 <= rate < 1:
+        raise ConfigError(
+            f"model.dropout_rate ({rate}) must be in [0, 1): the fraction of features dropped "
+            "before the classifier; 0 = no dropout, e.g. 0.1"
+        )
+
+
 def build_model(
     config: ml_collections.ConfigDict, input_shape: tuple[int, ...], num_classes: int, seed: int
 ) -> keras.Model:
@@ -73,8 +97,7 @@ def build_model(
 
     Call under `strategy.scope()` so the variables are distributed.
     """
-    if config.name not in MODELS:
-        raise ConfigError(f"model.name ({config.name!r}) is not one of {', '.join(MODELS)}")
+    check_config(config)
     inputs = keras.Input(shape=input_shape)
     features = MODELS[config.name](config, inputs)
     if config.dropout_rate > 0:

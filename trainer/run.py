@@ -4,6 +4,7 @@
 restoring or initializing, saving, recovering from a NaN, and applying an LR override durably.
 """
 
+import json
 import os
 
 import ml_collections
@@ -45,6 +46,7 @@ class Run:
         )
         self.last_saved_step: int | None = None
         self._recoveries = 0
+        self._config_changes: list[str] = []  # Found on resume; logged once the writer is open.
         self.writer: metrics.MetricWriter | None = None  # Opened once the resume step is known.
 
     @classmethod
@@ -57,8 +59,11 @@ class Run:
             enabled=setup.topology.is_chief,
             total_steps=run.plan.total_steps,
             resume_step=run.state.step,
+            step_offset=run.plan_step - run.step,
         )
         run._describe()
+        for change in run._config_changes:
+            run.writer.write(run.step, {"config_change": change}, kind="event")
         return run
 
     def _describe(self) -> None:
@@ -96,8 +101,10 @@ class Run:
         """
         restored = self.checkpointer.restore_latest(self.manifest())
         if restored is None:
+            _refuse_fresh_start_over_history(self.workdir)
             self.save()  # What NaN recovery returns to.
             return
+        self._config_changes = _config_changes(restored.config, self.config)
         old = restored.plan
         if old["global_batch_size"] != self.plan.global_batch_size:
             logging.warning(
@@ -117,6 +124,16 @@ class Run:
         self._align_schedule(restored)
         self.last_saved_step = self.step
         logging.info("resumed at step %d (%d examples seen)", self.step, self.examples_seen)
+        if self.plan_step >= self.plan.total_steps:
+            logging.warning(
+                "nothing to do: the checkpoint at step %d (%d examples seen) already completes "
+                "this plan of %d steps of %d examples; raise total_steps (or total_epochs / "
+                "total_examples) to train on",
+                self.step,
+                self.examples_seen,
+                self.plan.total_steps,
+                self.plan.global_batch_size,
+            )
 
     def _align_schedule(self, restored: checkpointing.Manifest) -> None:
         """Puts the restored LR state on this run's plan axis, after every restore.
@@ -193,3 +210,53 @@ class Run:
     def log_events(self, events: list[str]) -> None:
         for event in events:
             self.writer.write(self.step, {"lr_event": event}, kind="event")
+
+
+# What makes a workdir "used": a fresh start there would overwrite (and truncate) its history.
+_HISTORY = ("metrics.jsonl", "config.json", "tensorboard", "lr_override.applied-*.json")
+# Fields whose change breaks the exact data order of a resumed run (batch k = f(seed, examples)).
+_DATA_ORDER_FIELDS = ("seed", "dataset.name", "dataset.train_split")
+
+
+def _refuse_fresh_start_over_history(workdir: str) -> None:
+    """A workdir that shows a run happened but has no checkpoint is never silently restarted."""
+    found = sorted(
+        {os.path.basename(p) for name in _HISTORY for p in tf.io.gfile.glob(f"{workdir}/{name}")}
+    )
+    if found:
+        raise checkpointing.CheckpointError(
+            f"{workdir} has the history of a run ({', '.join(found)}) but no checkpoint to resume "
+            f"from in {workdir}/checkpoints; to start over deliberately use a new --workdir (or "
+            "move those files away): a fresh start here would overwrite that history"
+        )
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict[str, object]:
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def _config_changes(saved: dict, config: ml_collections.ConfigDict) -> list[str]:
+    """Every field that differs from the config the checkpoint was written with, logged; refused
+    where it breaks the data order, unless `allow_data_change_on_resume` says it is meant."""
+    old, new = _flatten(saved), _flatten(json.loads(config.to_json_best_effort()))
+    changes = [
+        f"{field}: {json.dumps(old.get(field))} -> {json.dumps(new.get(field))}"
+        for field in sorted(old.keys() | new.keys())
+        if old.get(field) != new.get(field)
+    ]
+    for change in changes:
+        logging.warning("config changed on resume: %s", change)
+    breaking = [c for c in changes if c.split(":")[0] in _DATA_ORDER_FIELDS]
+    if breaking and not config.allow_data_change_on_resume:
+        raise ConfigError(
+            f"resuming with {'; '.join(breaking)} would break the exact data order of this run; "
+            "resume with the values it was started with, use a new --workdir, or pass "
+            "--config.allow_data_change_on_resume=True if you mean it"
+        )
+    return changes

@@ -4,10 +4,12 @@ Preview a run without training, for any topology: `python -m trainer.plan` (see 
 """
 
 import dataclasses
+import math
+import numbers
 
 import ml_collections
 
-from trainer import learning_rate
+from trainer import learning_rate, loop, models, optimizers
 from trainer.errors import ConfigError
 
 UNITS = ("steps", "epochs", "examples")
@@ -80,8 +82,65 @@ def _check_positive(config: ml_collections.ConfigDict, *fields: str) -> None:
             raise ConfigError(f"{field} ({value}) must be positive")
 
 
+def _check_finite(config: ml_collections.ConfigDict, prefix: str = "") -> None:
+    """Rejects nan and inf in every number of the config, sequences included, wherever it is
+    read: `round(nan)` fails with a bare ValueError, `nan > 0` is False so range checks pass it
+    by, and an inf duration or factor gives a run that never ends or never learns."""
+    for key, value in config.items():
+        field = f"{prefix}{key}"
+        if isinstance(value, ml_collections.ConfigDict):
+            _check_finite(value, f"{field}.")
+            continue
+        values = value if isinstance(value, (tuple, list)) else (value,)
+        if any(isinstance(v, numbers.Real) and not math.isfinite(v) for v in values):
+            raise ConfigError(
+                f"{field} ({value}) must be a finite number, not nan or inf; set a finite value "
+                "(the defaults are in configs/default.py)"
+            )
+
+
+def _check_in_range(
+    field: str, value: float, low: float, high: float, *, bounds: str, hint: str
+) -> None:
+    """`bounds` is the interval as printed, e.g. "[0, 1)": its brackets say which ends are in."""
+    low_ok = value >= low if bounds[0] == "[" else value > low
+    high_ok = value <= high if bounds[-1] == "]" else value < high
+    if not (low_ok and high_ok):
+        raise ConfigError(f"{field} ({value}) must be in {bounds}; {hint}")
+
+
+def _check_optimizer(optimizer: ml_collections.ConfigDict) -> None:
+    """Keras checks some of these only when the optimizer is built, after the workdir exists,
+    and without the field's name; so all are checked here, whichever optimizer reads them."""
+    _check_choice("optimizer.name", optimizer.name, tuple(optimizers.OPTIMIZERS))
+    _check_in_range(
+        "optimizer.momentum", optimizer.momentum, 0, 1, bounds="[0, 1]", hint="e.g. 0.9"
+    )
+    for field, typical in (("beta_1", 0.9), ("beta_2", 0.999)):
+        value = optimizer[field]
+        _check_in_range(f"optimizer.{field}", value, 0, 1, bounds="[0, 1)", hint=f"e.g. {typical}")
+    for field in ("weight_decay", "grad_clip_norm"):
+        if optimizer[field] < 0:
+            raise ConfigError(f"optimizer.{field} ({optimizer[field]}) must be >= 0; 0 = off")
+
+
+def _check_plateau_metric(lr: ml_collections.ConfigDict) -> None:
+    """Checked here, not at the first eval (possibly hours in), against what eval returns."""
+    metric = lr.plateau_metric
+    if metric and metric not in loop.EVAL_METRICS:
+        raise ConfigError(
+            f"lr.plateau_metric ({metric!r}) is not an eval metric; use one of "
+            f"{', '.join(loop.EVAL_METRICS)}, or '' for no reduce-on-plateau"
+        )
+
+
 def check_config(config: ml_collections.ConfigDict) -> None:
-    """Rejects values that are wrong whatever the topology, naming the field and the fix."""
+    """Rejects values that are wrong whatever the topology, naming the field and the fix.
+
+    Runs at start-up (`setup.prepare`), before anything is written to the workdir, and in
+    `python -m trainer.plan`.
+    """
+    _check_finite(config)
     _check_positive(
         config,
         "global_batch_size",
@@ -95,7 +154,23 @@ def check_config(config: ml_collections.ConfigDict) -> None:
         "max_checkpoints_to_keep",
     )
     _check_choice("nan_policy", config.nan_policy, NAN_POLICIES)
+    _check_in_range(
+        "nan_lr_factor",
+        config.nan_lr_factor,
+        0,
+        1,
+        bounds="(0, 1]",
+        hint="the LR is scaled by it after each NaN recovery, e.g. 0.5",
+    )
+    if config.nan_max_recoveries < 0:
+        raise ConfigError(
+            f"nan_max_recoveries ({config.nan_max_recoveries}) must be >= 0; 0 = fail on the "
+            "first NaN"
+        )
     learning_rate.check_config(config.lr)
+    _check_plateau_metric(config.lr)
+    _check_optimizer(config.optimizer)
+    models.check_config(config.model)
 
 
 def make_plan(
