@@ -10,13 +10,19 @@ import time
 
 from absl import logging
 
+from trainer.errors import UserError
+
 LOCK_FILE = "trainer.lock"
 # A starter replacing a stale lock holds the stale file's flock for the microseconds between
 # checking and renaming; another starter that sees this waits up to this long for the new owner.
 _TAKEOVER_WAIT_SECONDS = 1.0
 
 
-class LockError(RuntimeError):
+class WorkdirError(UserError, PermissionError):
+    """The workdir cannot be created or written; the message says to pick another."""
+
+
+class LockError(UserError):
     """Another trainer owns the workdir; the message names it and how to break a stale lock."""
 
 
@@ -38,7 +44,7 @@ def make_workdir(workdir: str) -> None:
     try:
         tf.io.gfile.makedirs(workdir)
     except tf.errors.OpError as error:
-        raise OSError(
+        raise WorkdirError(
             f"workdir {workdir} cannot be created ({error.message}); use a --workdir you can "
             "write to"
         ) from error
@@ -110,7 +116,7 @@ class WorkdirLock:
         try:
             fd = os.open(private, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
         except PermissionError as error:
-            raise PermissionError(
+            raise WorkdirError(
                 f"workdir {os.path.dirname(self.path)} is not writable ({error.strerror}); "
                 "use a --workdir you can write to"
             ) from error
