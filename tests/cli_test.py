@@ -55,16 +55,7 @@ def _parse_error(*args: str) -> str:
     return message
 
 
-def _config(**fields) -> ml_collections.ConfigDict:
-    """The default config with `fields` changed; nested fields are given as "lr.base"."""
-    config = default_config.get_config()
-    for name, value in fields.items():
-        *parents, leaf = name.split(".")
-        node = config
-        for parent in parents:
-            node = node[parent]
-        node[leaf] = value
-    return config
+_config = testutil.config_with
 
 
 def _write(tmp_path, text: str) -> str:

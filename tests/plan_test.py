@@ -9,24 +9,13 @@ import pytest
 import testutil
 from testutil import PNG_MAGIC
 
-from configs import default as default_config
 from trainer import learning_rate
 from trainer import plan as plan_lib
 from trainer.datasets import shapes
 from trainer.errors import ConfigError
 from trainer.plan import __main__ as plan_cli
 
-
-def _config(**fields):
-    """The default config with `fields` changed; nested fields are given as "lr.base"."""
-    config = default_config.get_config()
-    for name, value in fields.items():
-        *parents, leaf = name.split(".")
-        node = config
-        for parent in parents:
-            node = node[parent]
-        node[leaf] = value
-    return config
+_config = testutil.config_with
 
 
 def _plan(config, replicas=1, train_examples=12800):

@@ -15,7 +15,6 @@ import pytest
 import tensorflow as tf
 import testutil
 
-from configs import default as default_config
 from trainer import checkpointing, metrics, preemption, train
 from trainer.errors import ConfigError
 
@@ -25,7 +24,6 @@ WARMUP = 4
 
 
 def _config(data_dir, **fields):
-    config = default_config.get_config()
     small = {
         "total_steps": 20,
         "steps_per_loop": 5,
@@ -38,13 +36,7 @@ def _config(data_dir, **fields):
         "distribution.strategy": "default",
         "dataset.data_dir": data_dir,
     }
-    for name, value in {**small, **fields}.items():
-        *parents, leaf = name.split(".")
-        node = config
-        for parent in parents:
-            node = node[parent]
-        node[leaf] = value
-    return config
+    return testutil.config_with(**{**small, **fields})
 
 
 def _cosine(update, total, peak=0.1):

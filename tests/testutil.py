@@ -17,6 +17,18 @@ ENV = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}  # For the subprocesses: TF's 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
+def config_with(**fields) -> ml_collections.ConfigDict:
+    """The default config with `fields` changed; nested fields are given as "lr.base"."""
+    config = default_config.get_config()
+    for name, value in fields.items():
+        *parents, leaf = name.split(".")
+        node = config
+        for parent in parents:
+            node = node[parent]
+        node[leaf] = value
+    return config
+
+
 def mirrored(num_replicas: int) -> tf.distribute.Strategy:
     """Mirrored over the first `num_replicas` logical CPUs (the CPU stand-in for GPUs/TPUs).
 

@@ -40,6 +40,13 @@ class SignalWatcher:
         self.received: int | None = None
         self._previous = {signum: signal.signal(signum, self._handle) for signum in _SIGNALS}
 
+    def take_back_handlers(self) -> None:
+        """Re-installs the handlers after the strategy is built: TF's coordination service
+        (MultiWorkerMirroredStrategy) installs a SIGTERM handler of its own, which would turn a
+        preemption into a run that ignores the signal."""
+        for signum in _SIGNALS:
+            signal.signal(signum, self._handle)
+
     def _handle(self, signum: int, frame) -> None:
         del frame
         name = signal.Signals(signum).name

@@ -23,6 +23,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         # 1. Strategy, data and the plan: every derived number, computed and logged once. Every
         #    user error is raised here, before anything is written.
         setup = setup_lib.prepare(config)
+        signals.take_back_handlers()
         if signals.received:
             raise preemption.Preempted(None)
         workdir_lock.make_workdir(workdir)
