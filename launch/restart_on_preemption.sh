@@ -1,9 +1,20 @@
 #!/usr/bin/env bash
 # Runs a command; if it exits 42 (preempted after writing a checkpoint) runs it again, so the job
-# resumes where it stopped. A SIGTERM/SIGINT to this script is passed on and ends the loop.
+# resumes where it stopped. Any other exit code ends the loop with that code. A SIGTERM/SIGINT to
+# this script is passed on to the command and ends the loop after it (with the command's code).
 #
-#   launch/restart_on_preemption.sh python -m trainer.main --config=... --workdir=...
+#   launch/restart_on_preemption.sh [--dry-run] python -m trainer.main --config=... --workdir=...
+#
+# --dry-run (first argument only: the rest is the command) prints the command and runs nothing.
 set -uo pipefail
+
+if [[ "${1:-}" == "--dry-run" ]]; then
+  shift
+  # shellcheck source=common.sh
+  source "$(dirname "$0")/common.sh"
+  print_command -- "$0" "$@"
+  exit 0
+fi
 
 child=0
 stopping=0

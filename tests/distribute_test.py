@@ -1,6 +1,7 @@
 """Tests for trainer/distribute.py: strategies by name, topology facts, errors that say the fix."""
 
 import json
+import os
 import time
 import types
 
@@ -92,19 +93,190 @@ def test_tpu_without_tpu_fails_fast_and_never_falls_back_to_cpu(tpu, shown):
     assert "strategy=auto" in message
 
 
-def test_multi_worker_without_tf_config_names_it(monkeypatch):
-    monkeypatch.delenv("TF_CONFIG", raising=False)
-    with pytest.raises(distribute.StrategyError, match="TF_CONFIG"):
+@pytest.fixture
+def no_multi_worker_strategy(monkeypatch):
+    """Fails the test if a MultiWorkerMirroredStrategy gets built: the checks must come first.
+
+    Without this, building one would also raise on a malformed TF_CONFIG (its resolver parses the
+    JSON too), so "fails before building" could not be told from "fails while building"; and a
+    real one would set up collectives in the test process.
+    """
+
+    def build(*args, **kwargs):
+        raise AssertionError("MultiWorkerMirroredStrategy was built")
+
+    monkeypatch.setattr(tf.distribute, "MultiWorkerMirroredStrategy", build)
+
+
+SLURM_TASK = {  # What srun sets for task 1 of a 2-node step (one task per node).
+    "SLURM_JOB_ID": "4242",
+    "SLURM_PROCID": "1",
+    "SLURM_STEP_NUM_TASKS": "2",
+    "SLURM_STEP_NODELIST": "node[1-2]",
+    "SLURM_STEP_TASKS_PER_NODE": "1(x2)",
+    "SLURMD_NODENAME": "node2",
+}
+
+
+@pytest.fixture
+def cluster_environment(monkeypatch, tmp_path):
+    """No TF_CONFIG and no Slurm variables, whatever the test runner has; yields a function
+    that sets variables (NAME=value; None unsets NAME).
+
+    `scontrol` and `nvidia-smi` first on PATH record any call: resolving a Slurm cluster must not
+    need either (the node list comes from the environment, the GPU count from TensorFlow).
+    """
+    for name in [n for n in os.environ if n.startswith("SLURM") or n == "TF_CONFIG"]:
+        monkeypatch.delenv(name)
+    for tool in ("scontrol", "nvidia-smi"):
+        (tmp_path / tool).write_text(f'#!/bin/sh\necho "$@" >> {tmp_path}/called-{tool}\nexit 1\n')
+        (tmp_path / tool).chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}{os.pathsep}{os.environ['PATH']}")
+
+    def set_variables(**variables):
+        for name, value in variables.items():
+            if value is None:
+                monkeypatch.delenv(name, raising=False)
+            else:
+                monkeypatch.setenv(name, value)
+
+    yield set_variables
+    assert not list(tmp_path.glob("called-*")), "a Slurm or NVIDIA tool was run"
+
+
+def test_multi_worker_without_tf_config_or_slurm_names_both(
+    cluster_environment, no_multi_worker_strategy
+):
+    with pytest.raises(distribute.StrategyError) as error:
         distribute.create_strategy(_distribution("multi_worker"))
+    message = str(error.value)
+    for fix in ("TF_CONFIG", "launch/multi_worker.sh", "Slurm", "srun", "launch/slurm.sbatch"):
+        assert fix in message
 
 
-def test_multi_worker_with_malformed_tf_config_fails_before_building(monkeypatch):
-    monkeypatch.setenv("TF_CONFIG", "{'cluster': not json")
+def test_multi_worker_with_malformed_tf_config_fails_before_building(
+    cluster_environment, no_multi_worker_strategy
+):
+    cluster_environment(TF_CONFIG="{'cluster': not json")
     with pytest.raises(json.JSONDecodeError):
         distribute.create_strategy(_distribution("multi_worker"))
 
 
-def _fake_strategy(cluster: dict, task_type: str | None, task_id: int | None, chief: bool):
+def test_multi_worker_with_tf_config_builds_the_strategy(monkeypatch, cluster_environment):
+    """The other side of the two tests above: with a valid TF_CONFIG the strategy is built."""
+    built = []
+    monkeypatch.setattr(tf.distribute, "MultiWorkerMirroredStrategy", lambda **kw: built.append(kw))
+    cluster_environment(TF_CONFIG=json.dumps({"cluster": {"worker": ["localhost:1"]}}))
+    distribute.create_strategy(_distribution("multi_worker"))
+    (kwargs,) = built
+    assert (
+        type(kwargs["cluster_resolver"]) is tf.distribute.cluster_resolver.TFConfigClusterResolver
+    )
+
+
+def test_tf_config_wins_over_slurm(cluster_environment):
+    """launch/multi_worker.sh inside a Slurm allocation: its explicit TF_CONFIG is the cluster."""
+    tf_config = {"cluster": {"worker": ["a:1", "b:1"]}, "task": {"type": "worker", "index": 1}}
+    cluster_environment(**SLURM_TASK, TF_CONFIG=json.dumps(tf_config))
+    resolver = distribute.multi_worker_cluster_resolver()
+    assert resolver.cluster_spec().as_dict() == {"worker": ["a:1", "b:1"]}
+    assert (resolver.task_type, resolver.task_id) == ("worker", 1)
+
+
+@pytest.mark.parametrize(
+    "task, workers, index",
+    [
+        ({}, ["node1:8888", "node2:8888"], 1),
+        ({"SLURM_PROCID": "0", "SLURMD_NODENAME": "node1"}, ["node1:8888", "node2:8888"], 0),
+        # TF's resolver lists nodes sorted as strings (node10 before node9), Slurm numbers
+        # tasks in its node order (node9 is task 0): the index is this node's place in the list.
+        (
+            {"SLURM_STEP_NODELIST": "node[9-10]", "SLURM_PROCID": "0", "SLURMD_NODENAME": "node9"},
+            ["node10:8888", "node9:8888"],
+            1,
+        ),
+        # Without SLURMD_NODENAME the index is SLURM_PROCID; 4 nodes, tasks per node as "1(x4)".
+        (
+            {
+                "SLURM_STEP_NUM_TASKS": "4",
+                "SLURM_STEP_NODELIST": "gpu[01-03],cpu7",
+                "SLURM_STEP_TASKS_PER_NODE": "1(x4)",
+                "SLURM_PROCID": "2",
+                "SLURMD_NODENAME": None,
+            },
+            ["cpu7:8888", "gpu01:8888", "gpu02:8888", "gpu03:8888"],
+            2,
+        ),
+    ],
+)
+def test_slurm_task_resolves_its_cluster(cluster_environment, task, workers, index):
+    cluster_environment(**{**SLURM_TASK, **task})
+    resolver = distribute.multi_worker_cluster_resolver()
+    assert resolver.cluster_spec().as_dict() == {"worker": workers}
+    assert (resolver.task_type, resolver.task_id) == ("worker", index)
+    assert resolver.num_accelerators() == {"GPU": 0}  # This machine has none.
+    assert resolver.rpc_layer == "grpc"
+    node = os.environ.get("SLURMD_NODENAME")
+    if node:  # Each task's address is on its own node.
+        assert resolver.cluster_spec().task_address("worker", index) == f"{node}:8888"
+
+
+def test_slurm_gpus_per_task_are_the_gpus_tensorflow_sees(monkeypatch, cluster_environment):
+    """A wrong count would be a silent CPU run (or an idle GPU): it is TF's, not nvidia-smi's."""
+    real = tf.config.list_physical_devices
+    monkeypatch.setattr(
+        tf.config,
+        "list_physical_devices",
+        lambda kind=None: ["GPU:0", "GPU:1", "GPU:2", "GPU:3"] if kind == "GPU" else real(kind),
+    )
+    cluster_environment(**SLURM_TASK, CUDA_VISIBLE_DEVICES="4,5,6,7")
+    resolver = distribute.multi_worker_cluster_resolver()
+    assert resolver.num_accelerators() == {"GPU": 4}
+    assert resolver.cluster_spec().as_dict() == {"worker": ["node1:8888", "node2:8888"]}
+    assert os.environ["CUDA_VISIBLE_DEVICES"] == "4,5,6,7"  # Slurm's choice, left alone.
+
+
+def test_slurm_strategy_is_built_on_the_slurm_cluster(monkeypatch, cluster_environment):
+    built = []
+    monkeypatch.setattr(tf.distribute, "MultiWorkerMirroredStrategy", lambda **kw: built.append(kw))
+    cluster_environment(**SLURM_TASK)
+    distribute.create_strategy(_distribution("multi_worker"))
+    (kwargs,) = built
+    resolver = kwargs["cluster_resolver"]
+    assert resolver.cluster_spec().as_dict() == {"worker": ["node1:8888", "node2:8888"]}
+    assert resolver.task_id == 1
+
+
+@pytest.mark.parametrize(
+    "task, shown",
+    [
+        # Two tasks on one node: one process per node drives all of its GPUs.
+        (
+            {"SLURM_STEP_NUM_TASKS": "2", "SLURM_STEP_NODELIST": "node1"},
+            ["Requested 2 tasks but only 1 were assigned", "SLURM_STEP_NODELIST=node1"],
+        ),
+        # The batch script itself (no srun): a job but no step.
+        (
+            {"SLURM_STEP_NUM_TASKS": None, "SLURM_STEP_NODELIST": None},
+            ["SLURM_STEP_NUM_TASKS not found", "SLURM_STEP_NUM_TASKS=(unset)"],
+        ),
+        ({"SLURMD_NODENAME": "login1"}, ["SLURMD_NODENAME=login1", "['node1', 'node2']"]),
+    ],
+)
+def test_slurm_step_that_is_not_one_task_per_node_is_refused(
+    cluster_environment, no_multi_worker_strategy, task, shown
+):
+    cluster_environment(**{**SLURM_TASK, **task})
+    with pytest.raises(distribute.StrategyError) as error:
+        distribute.create_strategy(_distribution("multi_worker"))
+    message = str(error.value)
+    for part in [*shown, "srun", "SLURM_PROCID=1"]:
+        assert part in message
+
+
+def _fake_strategy(
+    cluster: dict, task_type: str | None, task_id: int | None, chief: bool, replicas: int
+):
     """Stands in for a multi-worker strategy, which cannot be built in-process without peers."""
     resolver = types.SimpleNamespace(
         task_type=task_type,
@@ -113,7 +285,7 @@ def _fake_strategy(cluster: dict, task_type: str | None, task_id: int | None, ch
     )
     return types.SimpleNamespace(
         cluster_resolver=resolver,
-        num_replicas_in_sync=sum(len(tasks) for tasks in cluster.values()),
+        num_replicas_in_sync=replicas,
         extended=types.SimpleNamespace(should_checkpoint=chief),
     )
 
@@ -121,22 +293,28 @@ def _fake_strategy(cluster: dict, task_type: str | None, task_id: int | None, ch
 WORKERS = ["localhost:1", "localhost:2"]
 
 
+# Replicas differ from workers in every case (several devices per worker, 8 cores on one TPU
+# host): a topology that read one for the other fails.
 @pytest.mark.parametrize(
-    "cluster, task_type, task_id, chief, workers, index",
+    "cluster, task_type, task_id, chief, replicas, workers, index",
     [
-        ({"worker": WORKERS}, "worker", 0, True, 2, 0),
-        ({"worker": WORKERS}, "worker", 1, False, 2, 1),
-        ({"chief": ["localhost:0"], "worker": WORKERS}, "chief", 0, True, 3, 0),
-        ({"chief": ["localhost:0"], "worker": WORKERS}, "worker", 1, False, 3, 1),
+        ({"worker": WORKERS}, "worker", 0, True, 8, 2, 0),
+        ({"worker": WORKERS}, "worker", 1, False, 8, 2, 1),
+        ({"chief": ["localhost:0"], "worker": WORKERS}, "chief", 0, True, 6, 3, 0),
+        ({"chief": ["localhost:0"], "worker": WORKERS}, "worker", 1, False, 6, 3, 1),
         # A TPU's resolver has no chief/worker task: its single client is one worker.
-        ({"worker": ["10.0.0.1:8470"]}, None, None, True, 1, 0),
+        ({"worker": ["10.0.0.1:8470"]}, None, None, True, 8, 1, 0),
     ],
 )
-def test_topology_reads_workers_index_and_chief(cluster, task_type, task_id, chief, workers, index):
-    strategy = _fake_strategy(cluster, task_type, task_id, chief)
-    topology = distribute.topology(strategy, "multi_worker")
-    assert topology.num_workers == workers
-    assert topology.worker_index == index
-    assert topology.is_chief is chief
-    assert topology.num_replicas == strategy.num_replicas_in_sync
-    assert topology.strategy_name == "multi_worker"
+def test_topology_reads_workers_index_and_chief(
+    cluster, task_type, task_id, chief, replicas, workers, index
+):
+    strategy = _fake_strategy(cluster, task_type, task_id, chief, replicas)
+    topology = distribute.topology(strategy, "tpu" if task_type is None else "multi_worker")
+    assert topology == distribute.Topology(
+        num_replicas=replicas,
+        num_workers=workers,
+        worker_index=index,
+        is_chief=chief,
+        strategy_name="tpu" if task_type is None else "multi_worker",
+    )

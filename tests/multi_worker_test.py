@@ -2,6 +2,7 @@
 
 import os
 import signal
+import socket
 import subprocess
 
 import numpy as np
@@ -57,7 +58,31 @@ def straight(tmp_path_factory, data_dir):
     return workdir, stderr
 
 
-def test_two_workers_train_as_one_job(straight, tmp_path, data_dir):
+@pytest.fixture(scope="module")
+def mirrored(tmp_path_factory, data_dir):
+    """The same run on one process with 2 replicas (the same global batch)."""
+    workdir = tmp_path_factory.mktemp("mirrored")
+    testutil.run_main(
+        workdir,
+        *RUN,
+        "--config.distribution.strategy=mirrored",
+        "--config.distribution.cpu_replicas=2",
+        data_dir=data_dir,
+    )
+    return workdir
+
+
+def assert_matches_mirrored(workdir, mirrored_workdir) -> None:
+    """Same applied LRs, losses close: reduction order differs, so not bitwise."""
+    assert logged(workdir, "learning_rate") == logged(mirrored_workdir, "learning_rate")
+    np.testing.assert_allclose(
+        [v for _, v in logged(workdir, "loss")],
+        [v for _, v in logged(mirrored_workdir, "loss")],
+        rtol=1e-3,
+    )
+
+
+def test_two_workers_train_as_one_job(straight, mirrored):
     workdir, stderr = straight
     assert stderr.count("replicas: 2 (workers: 2)") == 2  # Both workers planned the same job.
     assert sorted(os.listdir(workdir)) == [
@@ -66,18 +91,87 @@ def test_two_workers_train_as_one_job(straight, tmp_path, data_dir):
         "metrics.jsonl",
         "tensorboard",
     ]
-    # Same global batch on one process with 2 replicas: same applied LRs, losses close.
-    testutil.run_main(
-        tmp_path,
-        *RUN,
-        "--config.distribution.strategy=mirrored",
-        "--config.distribution.cpu_replicas=2",
-        data_dir=data_dir,
+    assert_matches_mirrored(workdir, mirrored)
+
+
+def free_ports(count: int) -> list[int]:
+    sockets = [socket.socket() for _ in range(count)]
+    for s in sockets:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in sockets]
+    for s in sockets:
+        s.close()
+    return ports
+
+
+def test_multi_worker_sh_on_two_hosts_is_the_same_job(straight, mirrored, tmp_path, data_dir):
+    """launch/multi_worker.sh as it runs on two hosts (here both on loopback): the same training
+    as multi_worker_local.sh (bitwise: same topology) and as Mirrored(2) in one process."""
+    hosts = ",".join(f"127.0.0.1:{port}" for port in free_ports(2))
+    flags = testutil.main_flags(tmp_path, *RUN, data_dir=data_dir)
+    workers = [
+        subprocess.Popen(
+            ["launch/multi_worker.sh", f"--hosts={hosts}", f"--index={index}", *flags],
+            cwd=testutil.REPO,
+            env=testutil.ENV,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+            start_new_session=True,
+        )
+        for index in (0, 1)
+    ]
+    try:
+        for worker in workers:
+            _, stderr = worker.communicate(timeout=300)
+            assert worker.returncode == 0, stderr[-3000:]
+            assert "replicas: 2 (workers: 2)" in stderr
+    finally:  # A failed worker leaves the other waiting for it.
+        for worker in workers:
+            if worker.poll() is None:
+                os.killpg(worker.pid, signal.SIGKILL)
+    assert_bitwise_equal(straight[0], tmp_path, step=30, has_dropout=False)
+    assert_matches_mirrored(tmp_path, mirrored)
+
+
+def test_slurm_sbatch_trains_through_the_slurm_cluster_resolver(tmp_path, data_dir):
+    """launch/slurm.sbatch in a one-node allocation, with an `srun` stand-in that starts the one
+    task as Slurm would (its step variables): the trainer builds MultiWorkerMirroredStrategy from
+    TF's SlurmClusterResolver, without TF_CONFIG. (Two nodes cannot share port 8888 here.)"""
+    with socket.socket() as probe:
+        try:
+            probe.bind(("", 8888))  # SlurmClusterResolver's port.
+        except OSError:
+            pytest.skip("port 8888 is in use")
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "srun").write_text(
+        "#!/usr/bin/env bash\n"
+        'while [[ "$1" == --* ]]; do shift; done  # srun\'s own options\n'
+        "export SLURM_PROCID=0 SLURM_STEP_NUM_TASKS=1 SLURM_STEP_NODELIST=localhost "
+        "SLURMD_NODENAME=localhost\n"
+        'exec "$@"\n'
     )
-    assert logged(workdir, "learning_rate") == logged(tmp_path, "learning_rate")
-    np.testing.assert_allclose(
-        [v for _, v in logged(workdir, "loss")], [v for _, v in logged(tmp_path, "loss")], rtol=1e-3
+    (bin_dir / "srun").chmod(0o755)
+    env = {k: v for k, v in testutil.ENV.items() if not k.startswith("SLURM") and k != "TF_CONFIG"}
+    env.update(
+        PATH=f"{bin_dir}{os.pathsep}{env['PATH']}",
+        SLURM_JOB_ID="1",
+        SLURM_SUBMIT_DIR=str(testutil.REPO),
     )
+    workdir = tmp_path / "run"
+    flags = testutil.main_flags(workdir, *RUN, data_dir=data_dir)
+    result = subprocess.run(
+        ["bash", f"{testutil.REPO}/launch/slurm.sbatch", *flags],
+        cwd=tmp_path,  # It runs in SLURM_SUBMIT_DIR (sbatch runs a copy of the script).
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "replicas: 1 (workers: 1)" in result.stderr
+    assert [s for s, _ in logged(workdir, "loss")] == list(range(5, 31, 5))
 
 
 def test_sigterm_to_one_worker_checkpoints_both_and_the_launcher_resumes(

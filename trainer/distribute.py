@@ -71,14 +71,92 @@ def _tpu_strategy(tpu: str) -> tf.distribute.Strategy:
     return tf.distribute.TPUStrategy(resolver)
 
 
-def _multi_worker_strategy() -> tf.distribute.Strategy:
-    if "TF_CONFIG" not in os.environ:
-        raise StrategyError(
-            "distribution.strategy='multi_worker' needs the TF_CONFIG environment variable "
-            "(cluster and task); launch/multi_worker_local.sh sets it for workers on one machine"
+def _slurm_variables() -> str:
+    names = ("SLURM_JOB_ID", "SLURM_PROCID", "SLURM_STEP_NUM_TASKS", "SLURM_STEP_NODELIST")
+    return ", ".join(f"{name}={os.environ.get(name, '(unset)')}" for name in names)
+
+
+def _slurm_cluster_resolver() -> tf.distribute.cluster_resolver.ClusterResolver:
+    """The cluster of the Slurm job step this process is a task of, one task per node.
+
+    TF's SlurmClusterResolver reads the step (SLURM_PROCID, SLURM_STEP_NUM_TASKS,
+    SLURM_STEP_NODELIST; it runs no Slurm command) and gives each node's task the address
+    node:8888 (its `port_base`). Its answer is passed on through a SimpleClusterResolver with two
+    corrections:
+    - GPUs: it can only count NVIDIA GPUs with nvidia-smi and cannot describe a node without any
+      (tensorflow/tensorflow#56894), and MultiWorkerMirroredStrategy takes the per-worker GPU count
+      from the resolver, so a wrong count is a silent CPU run. The count here is the GPUs
+      TensorFlow sees, i.e. those Slurm gave the task (CUDA_VISIBLE_DEVICES, cgroups); listing
+      physical devices does not start the runtime, so collectives can still be configured.
+    - Task index: it lists nodes sorted as strings but numbers tasks by SLURM_PROCID, which
+      follows Slurm's node order: in node[9-10], node9 is task 0 but node10 is listed first, and
+      each process would claim another's address. The index used is this node's (SLURMD_NODENAME)
+      place in the resolver's list, the same order on every node.
+    """
+    gpus = len(tf.config.list_physical_devices("GPU"))
+    try:
+        slurm = tf.distribute.cluster_resolver.SlurmClusterResolver(
+            tasks_per_node=1,  # One process drives all GPUs of its node.
+            gpus_per_node=max(gpus, 1),  # >= 1: with 0 it builds an empty cluster (see above).
+            gpus_per_task=max(gpus, 1),
+            auto_set_gpu=False,  # Slurm has already set the task's CUDA_VISIBLE_DEVICES.
         )
-    json.loads(os.environ["TF_CONFIG"])  # Fails early and clearly on malformed JSON.
-    return tf.distribute.MultiWorkerMirroredStrategy()
+        cluster = slurm.cluster_spec()
+    except (RuntimeError, ValueError) as error:  # Missing step variables, tasks != nodes.
+        raise StrategyError(
+            f"distribution.strategy='multi_worker' in Slurm job {os.environ['SLURM_JOB_ID']}: "
+            f"{error} ({_slurm_variables()}); start one trainer per node with srun "
+            "--ntasks-per-node=1 inside the allocation (launch/slurm.sbatch)"
+        ) from error
+    task_id = slurm.task_id
+    node = os.environ.get("SLURMD_NODENAME")  # Set by Slurm in every task's environment.
+    if node is not None:
+        hosts = [address.rsplit(":", 1)[0] for address in cluster.job_tasks("worker")]
+        if node not in hosts:
+            raise StrategyError(
+                f"this node (SLURMD_NODENAME={node}) is not among the step's nodes {hosts} "
+                f"({_slurm_variables()}); start the trainer with srun inside the allocation"
+            )
+        task_id = hosts.index(node)
+    return tf.distribute.cluster_resolver.SimpleClusterResolver(
+        cluster,
+        task_type="worker",
+        task_id=task_id,
+        num_accelerators={"GPU": gpus},
+        rpc_layer="grpc",
+    )
+
+
+def multi_worker_cluster_resolver() -> tf.distribute.cluster_resolver.ClusterResolver:
+    """The cluster this process is a worker of: TF_CONFIG if set, else its Slurm job step.
+
+    TF_CONFIG wins because it is explicit: launch/multi_worker.sh sets it, also inside a Slurm
+    allocation. Without it, a Slurm task (SLURM_JOB_ID and SLURM_PROCID set, as srun does)
+    resolves its cluster from Slurm's variables (see `_slurm_cluster_resolver`).
+
+    Raises:
+      StrategyError: neither TF_CONFIG nor a Slurm task, or a Slurm step that is not one task
+        per node.
+      json.JSONDecodeError: TF_CONFIG is not JSON.
+    """
+    if "TF_CONFIG" in os.environ:
+        json.loads(os.environ["TF_CONFIG"])  # Fails early and clearly on malformed JSON.
+        return tf.distribute.cluster_resolver.TFConfigClusterResolver()
+    if "SLURM_JOB_ID" in os.environ and "SLURM_PROCID" in os.environ:
+        return _slurm_cluster_resolver()
+    raise StrategyError(
+        "distribution.strategy='multi_worker' needs to know the cluster, from either the "
+        "TF_CONFIG environment variable (launch/multi_worker.sh --hosts=... --index=... sets it; "
+        "launch/multi_worker_local.sh for workers on one machine) or a Slurm job step (srun, one "
+        "task per node: launch/slurm.sbatch); neither TF_CONFIG nor SLURM_JOB_ID/SLURM_PROCID "
+        "is set"
+    )
+
+
+def _multi_worker_strategy() -> tf.distribute.Strategy:
+    return tf.distribute.MultiWorkerMirroredStrategy(
+        cluster_resolver=multi_worker_cluster_resolver()
+    )
 
 
 def create_strategy(distribution: ml_collections.ConfigDict) -> tf.distribute.Strategy:
