@@ -1,11 +1,14 @@
 """Checkpoints: the manifest as commit marker, fallbacks, refusals, and what gets saved."""
 
 import os
+import subprocess
+import sys
 
 import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+import testutil
 
 from trainer import checkpointing
 
@@ -164,3 +167,136 @@ def test_dropout_rng_state_is_saved_so_masks_continue(tmp_path):
 
     checkpoint.read(path).assert_existing_objects_matched()
     np.testing.assert_array_equal(masks(model, 3), expected)
+
+
+# ---------------------------------------------------------------------------------------------
+# TF's `checkpoint` state file: written after the manifest, for other tools; never trusted here.
+
+
+def test_state_file_names_the_complete_checkpoints_for_other_tools(tmp_path):
+    run = _Run(tmp_path, max_to_keep=2)
+    for step in (10, 20, 30):
+        run.save_at(step)
+    directory = run.checkpointer.directory
+    state = tf.train.get_checkpoint_state(directory)
+    assert state.model_checkpoint_path == os.path.join(directory, "ckpt-30")
+    assert list(state.all_model_checkpoint_paths) == [
+        os.path.join(directory, f"ckpt-{step}") for step in (20, 30)
+    ]
+    assert tf.train.latest_checkpoint(directory) == os.path.join(directory, "ckpt-30")
+    manager = tf.train.CheckpointManager(tf.train.Checkpoint(), directory, max_to_keep=5)
+    assert manager.checkpoints == [os.path.join(directory, f"ckpt-{s}") for s in (20, 30)]
+
+
+def test_state_file_never_names_a_save_that_did_not_finish(tmp_path):
+    run = _Run(tmp_path)
+    run.save_at(10)
+    # A save killed after writing its data, before its manifest (the commit marker).
+    tf.train.Checkpoint(model=run.model).write(os.path.join(run.checkpointer.directory, "ckpt-20"))
+    assert tf.train.latest_checkpoint(run.checkpointer.directory).endswith("ckpt-10")
+
+
+def test_a_failed_state_file_write_is_a_warning_and_the_save_stands(tmp_path, monkeypatch, caplog):
+    def failing(directory, steps):
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(checkpointing, "write_state_file", failing)
+    run = _Run(tmp_path)
+    run.save_at(10)
+    assert "cannot update" in caplog.text and "No space left" in caplog.text
+    assert _Run(tmp_path).restore() == 10
+
+
+_PLAIN_TF_READER = """
+import sys
+import keras, tensorflow as tf
+model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(4), keras.layers.Dense(2)])
+prefix = tf.train.latest_checkpoint(sys.argv[1])
+tf.train.Checkpoint(model=model).read(prefix).expect_partial().assert_existing_objects_matched()
+print(prefix, sorted({float(v.numpy().flat[0]) for v in model.weights}))
+"""
+
+
+@pytest.mark.slow  # A fresh TensorFlow process: ~10 s of imports.
+def test_plain_tensorflow_restores_the_model_in_a_fresh_process(tmp_path):
+    run = _Run(tmp_path)
+    for step in (10, 20):
+        run.save_at(step)
+    result = subprocess.run(
+        [sys.executable, "-c", _PLAIN_TF_READER, run.checkpointer.directory],
+        env=testutil.ENV,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=True,
+    )
+    prefix, values = result.stdout.strip().split(" ", 1)
+    assert prefix == os.path.join(run.checkpointer.directory, "ckpt-20")
+    assert values == "[20.0]"  # Every weight holds the step it was saved at.
+
+
+# ---------------------------------------------------------------------------------------------
+# Read-only use by tools (evaluator, export, fine-tuning).
+
+
+def test_restore_reads_the_asked_step_with_no_fallback(tmp_path):
+    run = _Run(tmp_path)
+    for step in (10, 20):
+        run.save_at(step)
+    fresh = _Run(tmp_path)
+    fresh.checkpointer.restore(10, _manifest(fresh.model, 0))
+    assert int(fresh.step.numpy()) == 10
+    os.remove(os.path.join(run.checkpointer.directory, "ckpt-20.manifest.json"))
+    with pytest.raises(checkpointing.CheckpointError, match="ckpt-20 is not a complete"):
+        fresh.checkpointer.restore(20, _manifest(fresh.model, 0))
+
+
+def test_read_only_checkpointer_creates_nothing_and_refuses_to_save(tmp_path):
+    model = _model()
+    checkpointer = checkpointing.Checkpointer(
+        tf.train.Checkpoint(model=model),
+        str(tmp_path),
+        is_chief=True,
+        worker_index=0,
+        max_to_keep=3,
+        read_only=True,
+    )
+    assert not (tmp_path / "checkpoints").exists()
+    with pytest.raises(RuntimeError, match="read-only"):
+        checkpointer.save(_manifest(model, 5))
+
+
+@pytest.mark.parametrize(
+    "where, step, expected",
+    [
+        ("workdir", None, 30),
+        ("checkpoints", None, 30),
+        ("workdir", 20, 20),
+        ("prefix", None, 20),
+    ],
+)
+def test_find_checkpoint_resolves_a_workdir_directory_or_prefix(tmp_path, where, step, expected):
+    run = _Run(tmp_path)
+    for saved in (10, 20, 30):
+        run.save_at(saved)
+    directory = run.checkpointer.directory
+    path = {
+        "workdir": str(tmp_path),
+        "checkpoints": directory,
+        "prefix": os.path.join(directory, "ckpt-20"),
+    }[where]
+    prefix, manifest = checkpointing.find_checkpoint(path, step)
+    assert prefix == os.path.join(directory, f"ckpt-{expected}")
+    assert manifest.step == expected
+
+
+def test_find_checkpoint_says_what_is_there(tmp_path):
+    run = _Run(tmp_path)
+    run.save_at(10)
+    with pytest.raises(checkpointing.CheckpointError, match="complete steps: 10"):
+        checkpointing.find_checkpoint(str(tmp_path), 7)
+    with pytest.raises(checkpointing.CheckpointError, match="no complete checkpoint in"):
+        checkpointing.find_checkpoint(str(tmp_path / "elsewhere"))
+    os.remove(os.path.join(run.checkpointer.directory, "ckpt-10.manifest.json"))
+    with pytest.raises(checkpointing.CheckpointError, match="has no manifest"):
+        checkpointing.find_checkpoint(os.path.join(run.checkpointer.directory, "ckpt-10"))

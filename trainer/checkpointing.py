@@ -3,7 +3,11 @@
 Layout: WORKDIR/checkpoints/ckpt-STEP.{index,data-*} written by `tf.train.Checkpoint.write`, then
 ckpt-STEP.manifest.json written atomically *after* it. The manifest is the commit marker: a save
 killed half-way has no manifest and is never restored, so a partial save never becomes "latest".
-TF's `checkpoint` state file is not used: an unreadable one would silently restore nothing.
+
+TF's `checkpoint` state file is written too, after the manifest and naming only complete
+checkpoints, so other tools find them (`tf.train.latest_checkpoint(WORKDIR/checkpoints)`,
+`tf.train.CheckpointManager`, TensorBoard). tfscale itself never reads it: an unreadable one
+makes `latest_checkpoint` return None, and restoring None silently restores nothing.
 """
 
 import dataclasses
@@ -17,6 +21,7 @@ from absl import logging
 from trainer.errors import UserError
 
 _CKPT = re.compile(r"ckpt-(\d+)\.index$")
+STATE_FILE = "checkpoint"  # TF's name (CheckpointManager, tf.train.latest_checkpoint).
 
 
 class CheckpointError(UserError):
@@ -35,6 +40,10 @@ class Manifest:
     plan: dict
     config: dict
     versions: dict
+    # What the model was built for, so tools (export, fine-tuning) rebuild it without the data;
+    # None in manifests written before these were recorded (then read from the dataset's info).
+    input_shape: list[int] | None = None
+    num_classes: int | None = None
 
     def incompatibility(self, other: "Manifest") -> str | None:
         """Says what differs in a way that cannot be restored, or None."""
@@ -65,38 +74,35 @@ class Checkpointer:
         is_chief: bool,
         worker_index: int,
         max_to_keep: int,
+        read_only: bool = False,
     ):
+        """`read_only`: for tools that only restore (the standalone evaluator): nothing is
+        created, `save` refuses."""
         self._checkpoint = checkpoint
         self.directory = os.path.join(workdir, "checkpoints")
         self._is_chief = is_chief
+        self._read_only = read_only
         # Non-chief workers must take part in a multi-worker save (it has collectives), but write
         # to a scratch directory that is deleted right after.
         self._write_directory = (
             self.directory if is_chief else os.path.join(workdir, f"tmp_worker_{worker_index}")
         )
         self._max_to_keep = max_to_keep
-        if is_chief:
+        if is_chief and not read_only:
             tf.io.gfile.makedirs(self.directory)
 
     def _prefix(self, step: int, directory: str | None = None) -> str:
         return os.path.join(directory or self.directory, f"ckpt-{step}")
 
     def _written_steps(self) -> list[int]:
-        """Steps with an index file, complete or not, newest first."""
-        names = tf.io.gfile.glob(os.path.join(self.directory, "ckpt-*.index"))
-        return sorted((int(_CKPT.search(n).group(1)) for n in names), reverse=True)
+        return written_steps(self.directory)
 
     def complete_steps(self) -> list[int]:
         """Steps whose save finished (manifest present), newest first."""
-        return [
-            s
-            for s in self._written_steps()
-            if tf.io.gfile.exists(self._prefix(s) + ".manifest.json")
-        ]
+        return complete_steps(self.directory)
 
     def read_manifest(self, step: int) -> Manifest:
-        with tf.io.gfile.GFile(self._prefix(step) + ".manifest.json") as f:
-            return Manifest(**json.load(f))
+        return read_manifest(self._prefix(step))
 
     def save(self, manifest: Manifest) -> str:
         """Writes the checkpoint, then its manifest (the commit marker), then prunes old ones.
@@ -105,6 +111,8 @@ class Checkpointer:
         never restored: the previous checkpoint stays the newest complete one. It is reported
         as one `CheckpointError` line naming the path.
         """
+        if self._read_only:
+            raise RuntimeError(f"this Checkpointer of {self.directory} is read-only")
         prefix = self._prefix(manifest.step, self._write_directory)
         try:
             prefix = self._checkpoint.write(prefix)
@@ -129,6 +137,7 @@ class Checkpointer:
                 "resume"
             ) from error
         self._prune(keep_after=manifest.step)
+        self._write_state_file()
         return prefix
 
     def _prune(self, keep_after: int) -> None:
@@ -139,6 +148,21 @@ class Checkpointer:
                 continue
             for path in tf.io.gfile.glob(self._prefix(step) + ".*"):
                 tf.io.gfile.remove(path)
+
+    def _write_state_file(self) -> None:
+        """Points TF's `checkpoint` state file at the complete checkpoints, newest last.
+
+        Only a convenience for other tools, so a failure is a warning: the checkpoint itself is
+        complete (its manifest is written) and tfscale never reads this file.
+        """
+        try:
+            write_state_file(self.directory, self.complete_steps()[::-1])
+        except (OSError, tf.errors.OpError) as error:
+            logging.warning(
+                "cannot update %s (%s); the checkpoint itself is complete",
+                os.path.join(self.directory, STATE_FILE),
+                str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__,
+            )
 
     def restore_latest(self, expected: Manifest) -> Manifest | None:
         """Restores the newest readable checkpoint; None only if the workdir has none at all.
@@ -174,7 +198,7 @@ class Checkpointer:
                     f"was written with, or use a new --workdir to start a different run"
                 )
             try:
-                self._checkpoint.read(self._prefix(step)).assert_existing_objects_matched()
+                self._read(step)
             # Damage shows up as many error types (OpError, IndexError on truncation, ...); any of
             # them makes this checkpoint unusable, and every reason is reported if none works.
             except Exception as error:  # noqa: BLE001
@@ -191,6 +215,110 @@ class Checkpointer:
             f"({'; '.join(failures) or 'no complete save'}); move the directory away to start "
             "from scratch"
         )
+
+    def _read(self, step: int) -> None:
+        """Restores ckpt-STEP into this run's objects, checking every one of them got a value."""
+        self._checkpoint.read(self._prefix(step)).assert_existing_objects_matched()
+
+    def restore(self, step: int, expected: Manifest) -> Manifest:
+        """Restores the complete checkpoint at `step`, with no fallback (tools that read a run).
+
+        Raises:
+          CheckpointError: it is incomplete, gone (pruned meanwhile), or for another model.
+          Anything `tf.train.Checkpoint.read` raises on a damaged checkpoint.
+        """
+        try:
+            manifest = self.read_manifest(step)
+        except tf.errors.NotFoundError as error:
+            raise CheckpointError(
+                f"{self._prefix(step)} is not a complete checkpoint (no manifest)"
+            ) from error
+        problem = manifest.incompatibility(expected)
+        if problem:
+            raise CheckpointError(f"{self._prefix(step)} was written for {problem}")
+        self._read(step)
+        logging.info("restored %s", self._prefix(step))
+        return manifest
+
+
+def written_steps(directory: str) -> list[int]:
+    """Steps with an index file in `directory`, complete or not, newest first."""
+    names = tf.io.gfile.glob(os.path.join(directory, "ckpt-*.index"))
+    return sorted((int(_CKPT.search(n).group(1)) for n in names), reverse=True)
+
+
+def complete_steps(directory: str) -> list[int]:
+    """Steps in `directory` whose save finished (manifest present), newest first."""
+    return [
+        step
+        for step in written_steps(directory)
+        if tf.io.gfile.exists(os.path.join(directory, f"ckpt-{step}.manifest.json"))
+    ]
+
+
+def read_manifest(prefix: str) -> Manifest:
+    """The manifest of the checkpoint at `prefix` (`.../ckpt-STEP`)."""
+    with tf.io.gfile.GFile(prefix + ".manifest.json") as f:
+        return Manifest(**json.load(f))
+
+
+def write_state_file(directory: str, steps: list[int]) -> None:
+    """Writes TF's `checkpoint` state file listing ckpt-STEP for `steps` (oldest first).
+
+    The CheckpointState text proto, with paths relative to `directory` (as CheckpointManager
+    writes them, so the directory can move) and each manifest's time as the checkpoint's
+    timestamp. Written here because `tf.compat.v1.train.update_checkpoint_state` is deprecated;
+    the names are always `ckpt-<int>`, so no quoting is needed. Atomic: temporary file + rename.
+    """
+    if not steps:
+        return
+    lines = [f'model_checkpoint_path: "ckpt-{steps[-1]}"']
+    lines += [f'all_model_checkpoint_paths: "ckpt-{step}"' for step in steps]
+    for step in steps:
+        stat = tf.io.gfile.stat(os.path.join(directory, f"ckpt-{step}.manifest.json"))
+        lines.append(f"all_model_checkpoint_timestamps: {stat.mtime_nsec / 1e9:.3f}")
+    path = os.path.join(directory, STATE_FILE)
+    with tf.io.gfile.GFile(path + ".tmp", "w") as f:
+        f.write("\n".join(lines) + "\n")
+    tf.io.gfile.rename(path + ".tmp", path, overwrite=True)
+
+
+def find_checkpoint(path: str, step: int | None = None) -> tuple[str, Manifest]:
+    """Resolves a tfscale run, checkpoint directory or checkpoint prefix to (prefix, manifest).
+
+    `path` may be a workdir (WORKDIR/checkpoints is used), a directory of ckpt-STEP files, or a
+    prefix `.../ckpt-STEP`. Only complete checkpoints (with a manifest) count; `step` picks one,
+    else the newest.
+
+    Raises:
+      CheckpointError: nothing complete there, or not at `step`; the message lists what is.
+    """
+    path = path.rstrip("/")
+    if tf.io.gfile.exists(path + ".index"):
+        if not tf.io.gfile.exists(path + ".manifest.json"):
+            raise CheckpointError(
+                f"{path} has no manifest ({path}.manifest.json): its save never finished, or it "
+                "was not written by tfscale"
+            )
+        return path, read_manifest(path)
+    directory = path
+    if tf.io.gfile.isdir(os.path.join(path, "checkpoints")):
+        directory = os.path.join(path, "checkpoints")
+    steps = complete_steps(directory)
+    if not steps:
+        raise CheckpointError(
+            f"no complete checkpoint in {directory} (a tfscale workdir, its checkpoints "
+            "directory, or a .../ckpt-STEP prefix is expected)"
+        )
+    if step is None:
+        step = steps[0]
+    elif step not in steps:
+        raise CheckpointError(
+            f"no complete checkpoint at step {step} in {directory}; complete steps: "
+            f"{', '.join(map(str, sorted(steps)))}"
+        )
+    prefix = os.path.join(directory, f"ckpt-{step}")
+    return prefix, read_manifest(prefix)
 
 
 def seed_generator_states(model) -> list[tf.Variable]:
