@@ -37,6 +37,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.eval_every_steps = 200  # Full pass over the eval split; also at the end.
     config.checkpoint_every_steps = 200  # Also at the end and on preemption.
     config.max_checkpoints_to_keep = 3
+    config.export_at_end = True  # SavedModel + .keras of the last checkpoint in export/final.
 
     config.distribution = ml_collections.ConfigDict()
     # auto | default | one_device | mirrored | multi_worker | tpu. auto = mirrored over all local

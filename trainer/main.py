@@ -9,20 +9,20 @@ user error, a traceback for anything else).
 
 import sys
 
-from trainer import preemption
+from trainer import cli, preemption
 
 if __name__ == "__main__":  # Before the heavy imports: a signal during them still ends in 42.
     preemption.install_for_process()
+    # TensorFlow's start-up chatter hidden unless --tf_log_level asks for it (cli.py).
+    cli.start_tensorflow(sys.argv)
 
-import tensorflow as tf  # noqa: E402
 from absl import logging  # noqa: E402
 
-from trainer import cli, train  # noqa: E402
+from trainer import train  # noqa: E402
 
 
 def main(argv: list[str]) -> None:
     del argv
-    tf.get_logger().setLevel("WARNING")  # TF's per-trace INFO lines would bury the progress.
     try:
         train.train_and_evaluate(cli.CONFIG.value, cli.WORKDIR.value)
     except preemption.Preempted as stop:
