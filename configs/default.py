@@ -118,4 +118,31 @@ def get_config() -> ml_collections.ConfigDict:
     config.nan_lr_factor = 0.5
     config.nan_max_recoveries = 3
 
+    # Training health (trainer/health/; README "Training health" has the rules and sources).
+    config.health = ml_collections.ConfigDict()
+    # On a spike or explosion: warn (report only) | skip (drop spiking updates in-graph) |
+    # rollback (restore the last checkpoint, LR x rollback_lr_factor). Every detector warns.
+    config.health.action = "warn"
+    config.health.window = 128  # Updates of history for the spike z-score (OLMo-core, Levanter).
+    config.health.sigma = 6.0  # Spike: above mean + sigma x std of that history.
+    config.health.min_history = 64  # No spike verdict before this many updates (Levanter).
+    config.health.ratio = 2.0  # Explode: loss >= ratio x its recent mean (llm-foundry)...
+    config.health.ratio_window = 100  # ...over this many previous updates...
+    config.health.patience = 5  # ...for this many updates in a row.
+    config.health.trend_window = 100  # Updates over which stall and oscillation are judged.
+    config.health.stall_improvement = 0.01  # Stall: smoothed loss improved less than this...
+    config.health.stall_lr_fraction = 0.1  # ...while the LR is above this fraction of its peak...
+    config.health.converged_fraction = 0.1  # ...and the loss above this fraction of its start.
+    config.health.oscillation_noise = 1.0  # Oscillate: detrended spread > this x the decrease...
+    config.health.oscillation_level = 0.1  # ...and > this x the loss itself.
+    # A flat loss with a median |update| / |weights| below update_ratio_low: the LR is too small;
+    # above update_ratio_high: too large (rule of thumb ~1e-3; the default run peaks at ~0.015).
+    config.health.update_ratio_low = 1e-4
+    config.health.update_ratio_high = 3e-2
+    config.health.lr_change = 1.5  # LR jumps of at least this factor are checked for effect...
+    config.health.lr_transient = 20  # ...leaving out this many updates (momentum catches up)...
+    config.health.lr_window = 10  # ...comparing this many updates before and after.
+    config.health.rollback_lr_factor = 0.5  # rollback: the LR is multiplied by this...
+    config.health.max_rollbacks = 3  # ...at most this many times per process, then it stops.
+
     return config

@@ -1,4 +1,5 @@
-"""The compiled inner loop: the logged LR is the applied LR, the loss is global, no retracing."""
+"""The compiled inner loop: the logged LR is the applied LR, the loss is global, no retracing; the
+per-update signals are those of one-update loops; a skipped update changes nothing but the step."""
 
 import keras
 import numpy as np
@@ -28,6 +29,7 @@ def _build(
     warmup_steps: int = 4,
     clip: float = 0.0,
     momentum: float = 0.0,
+    guard: loop.SpikeGuard | None = None,
 ):
     """A linear classifier trained by plain SGD under a controlled warmup schedule."""
     keras.utils.set_random_seed(0)
@@ -52,6 +54,7 @@ def _build(
         optimizer=optimizer,
         global_batch_size=GLOBAL_BATCH,
         grad_clip_norm=clip,
+        guard=guard,
     )
     return model, optimizer, schedule.state, schedule, train_loop
 
@@ -168,3 +171,79 @@ def test_eval_loop_counts_each_example_once_with_weights():
     assert float(outputs["eval_loss"].numpy()) == pytest.approx(expected_loss, rel=1e-5)
     expected_accuracy = np.mean(logits.argmax(-1) == split.labels)
     assert float(outputs["eval_accuracy"].numpy()) == pytest.approx(expected_accuracy, rel=1e-5)
+
+
+def _signals(outputs) -> dict[str, np.ndarray]:
+    steps = outputs["steps"].numpy()
+    return {name: steps[:, i] for i, name in enumerate(loop.SIGNALS)}
+
+
+@pytest.mark.parametrize("num_replicas", [1, 2])
+def test_per_update_signals_equal_those_of_one_update_loops(num_replicas):
+    split = _split()
+    strategy = testutil.mirrored(num_replicas)
+    _, _, _, _, train_loop = _build(strategy, zero_init=False, momentum=0.9)
+    whole = _signals(train_loop(_iterator(strategy, split), tf.constant(6)))
+    strategy = testutil.mirrored(num_replicas)
+    model, _, _, _, train_loop = _build(strategy, zero_init=False, momentum=0.9)
+    iterator = _iterator(strategy, split)
+    single = {name: [] for name in loop.SIGNALS}
+    for _ in range(6):
+        before = np.concatenate([w.numpy().ravel() for w in model.trainable_variables])
+        outputs = train_loop(iterator, tf.constant(1))
+        after = np.concatenate([w.numpy().ravel() for w in model.trainable_variables])
+        for name, values in _signals(outputs).items():
+            single[name].append(values[0])
+        assert float(outputs["loss"].numpy()) == single["loss"][-1]
+        assert single["param_norm"][-1] == pytest.approx(np.linalg.norm(before), rel=1e-5)
+        assert single["update_norm"][-1] == pytest.approx(np.linalg.norm(after - before), rel=1e-4)
+    for name in ("loss", "grad_norm", "learning_rate", "param_norm", "update_norm"):
+        np.testing.assert_allclose(whole[name], single[name], rtol=1e-5, err_msg=name)
+    assert whole["learning_rate"][:4] == pytest.approx([0.1, 0.2, 0.3, 0.4])  # Every warmup step.
+    assert not whole["skipped"].any()
+
+
+@pytest.mark.parametrize("num_replicas", [1, 2])
+def test_grad_norm_is_that_of_the_all_reduced_gradient(num_replicas):
+    """Plain SGD from zero weights: the update is -lr x gradient, so its norm is lr x grad_norm,
+    and the gradient is the known global one (softmax minus one-hot)."""
+    strategy = testutil.mirrored(num_replicas)
+    _, _, _, _, train_loop = _build(strategy, zero_init=True)
+    split = _split()
+    images, labels = _global_batch(split, 0)
+    signals = _signals(train_loop(_iterator(strategy, split), tf.constant(1)))
+    kernel_grad, bias_grad = _expected_grads(images, labels)
+    expected = np.sqrt(np.sum(kernel_grad**2) + np.sum(bias_grad**2))
+    assert signals["grad_norm"][0] == pytest.approx(expected, rel=1e-4)
+    assert signals["update_norm"][0] == pytest.approx(0.1 * expected, rel=1e-4)
+    assert signals["param_norm"][0] == 0.0
+
+
+@pytest.mark.parametrize("num_replicas", [1, 2])
+def test_skip_drops_a_spiking_update_and_only_advances_the_step(num_replicas):
+    strategy = testutil.mirrored(num_replicas)
+    with strategy.scope():
+        guard = loop.SpikeGuard(window=8, sigma=6.0, min_history=4, skip=True)
+    model, optimizer, _, _, train_loop = _build(
+        strategy, zero_init=False, momentum=0.9, guard=guard
+    )
+    iterator = _iterator(strategy, _split())
+    train_loop(iterator, tf.constant(2))
+    # A history of tiny, steady losses and gradient norms: the next real update is a spike.
+    guard.losses.assign(tf.fill([8], float(np.log(1e-3))))
+    guard.grad_norms.assign(tf.fill([8], float(np.log(1e-3))))
+    guard.count.assign(8)
+    kept = model.trainable_variables + [v for v in optimizer.variables if "momentum" in v.path]
+    assert len(kept) == 4  # Kernel, bias and their momentum.
+    state = [v.numpy() for v in kept]
+    signals = _signals(train_loop(iterator, tf.constant(1)))
+    assert signals["skipped"].tolist() == [1.0]
+    assert signals["update_norm"].tolist() == [0.0]
+    assert int(optimizer.iterations.numpy()) == 3  # The schedule moves on.
+    assert int(guard.skipped.numpy()) == 1
+    for before, variable in zip(state, kept, strict=True):
+        np.testing.assert_array_equal(before, variable.numpy())  # Weights and momentum.
+    # The spike entered the window; later updates are judged against it and applied.
+    signals = _signals(train_loop(iterator, tf.constant(2)))
+    assert signals["skipped"].tolist() == [0.0, 0.0]
+    assert (signals["update_norm"] > 0).all()

@@ -1,4 +1,5 @@
-"""Tests for trainer/metrics.py: JSONL + TensorBoard records, resume truncation, the LR curve."""
+"""Tests for trainer/metrics.py: JSONL + TensorBoard records, per-update signals, health events,
+resume truncation, the LR curve."""
 
 import glob
 import json
@@ -10,7 +11,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from trainer import metrics
+from trainer import health, loop, metrics
 
 RECORDS = [
     (10, {"loss": 2.5, "accuracy": 0.125, "learning_rate": 0.1}),
@@ -19,21 +20,26 @@ RECORDS = [
 ]
 
 
-def _events(workdir):
-    """(plugin, tag, step, value) of every summary under workdir/tensorboard, in file order."""
-    paths = sorted(glob.glob(os.path.join(workdir, "tensorboard", "events.out.tfevents.*")))
+def _events(workdir, run=""):
+    """(plugin, tag, step, value, description) of every summary in a TensorBoard run."""
+    pattern = os.path.join(workdir, "tensorboard", run, "events.out.tfevents.*")
     found = []
-    for path in paths:
+    for path in sorted(glob.glob(pattern)):
         for event in tf.compat.v1.train.summary_iterator(path):
             for value in event.summary.value:
                 array = tf.make_ndarray(value.tensor)
                 plugin = value.metadata.plugin_data.plugin_name
-                found.append((plugin, value.tag, event.step, array.item()))
+                description = value.metadata.summary_description
+                found.append((plugin, value.tag, event.step, array.item(), description))
     return found
 
 
-def _scalars(workdir, tag):
-    return [(step, value) for _, t, step, value in _events(workdir) if t == tag]
+def _scalars(workdir, tag, run="train"):
+    return [(step, value) for _, t, step, value, _ in _events(workdir, run) if t == tag]
+
+
+def _descriptions(workdir, run):
+    return {tag: d for _, tag, _, _, d in _events(workdir, run) if d}
 
 
 def _writer(workdir, resume_step=0, enabled=True):
@@ -46,21 +52,83 @@ def test_write_jsonl_and_tensorboard(tmp_path):
     writer = _writer(tmp_path)
     for step, record in RECORDS:
         writer.write(step, record)
+    writer.write(30, {"eval_loss": 0.5, "eval_accuracy": 0.875}, kind="eval")
     writer.close()
     lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
-    assert [json.loads(line) for line in lines] == [{"step": s, **r} for s, r in RECORDS]
-    assert metrics.read_records(str(tmp_path)) == [{"step": s, **r} for s, r in RECORDS]
-    assert glob.glob(str(tmp_path / "tensorboard" / "events.out.tfevents.*"))
-    for tag in ("loss", "accuracy", "learning_rate"):
-        points = _scalars(str(tmp_path), tag)
-        assert [step for step, _ in points] == [step for step, _ in RECORDS]
-        np.testing.assert_allclose([v for _, v in points], [r[tag] for _, r in RECORDS], rtol=1e-6)
-    assert _scalars(str(tmp_path), "examples") == [(20, 2560)]
+    expected = [{"step": s, **r} for s, r in RECORDS] + [
+        {"step": 30, "eval_loss": 0.5, "eval_accuracy": 0.875}
+    ]
+    assert [json.loads(line) for line in lines] == expected
+    assert metrics.read_records(str(tmp_path)) == expected
+    # Train and eval are two runs with the same tags, so their curves overlay.
+    points = _scalars(str(tmp_path), "metrics/accuracy")
+    assert [step for step, _ in points] == [step for step, _ in RECORDS]
+    np.testing.assert_allclose([v for _, v in points], [r["accuracy"] for _, r in RECORDS])
+    assert _scalars(str(tmp_path), "metrics/accuracy", run="eval") == [(30, 0.875)]
+    assert _scalars(str(tmp_path), "metrics/loss", run="eval") == [(30, 0.5)]
+    # Loss and LR are written per update by write_steps, not as window means here.
+    assert _scalars(str(tmp_path), "metrics/loss") == []
+    assert _scalars(str(tmp_path), "lr/learning_rate") == []
+    assert _scalars(str(tmp_path), "examples") == [(20, 2560)]  # Unlisted keys keep their name.
     assert _scalars(str(tmp_path), "phase") == []  # Not a number: JSONL only.
+    assert "whole eval split" in _descriptions(str(tmp_path), "eval")["metrics/loss"]
+    assert "fraction" in _descriptions(str(tmp_path), "train")["metrics/accuracy"]
+
+
+def test_every_tag_has_a_description_with_its_group():
+    for key, (tag, description) in metrics.TAGS.items():
+        assert "/" in tag and len(description) > 20, key
+    assert metrics.TAGS["loss"][0] == metrics.TAGS["eval_loss"][0]
+    assert metrics.TAGS["accuracy"][0] == metrics.TAGS["eval_accuracy"][0]
+
+
+def _steps(first, n, seed=0):
+    rng = np.random.default_rng(seed)
+    steps = rng.uniform(0.5, 2.0, size=(n, len(loop.SIGNALS))).astype(np.float32)
+    steps[:, loop.SIGNALS.index("skipped")] = 0
+    return steps
+
+
+def test_write_steps_one_record_and_one_point_per_update(tmp_path):
+    writer = _writer(tmp_path)
+    first, second = _steps(1, 50), _steps(51, 7, seed=1)
+    writer.write_steps(1, first)
+    writer.write_steps(51, second)
+    writer.close()
+    both = np.concatenate([first, second])
+    records = metrics.read_records(str(tmp_path), metrics.STEPS_FILE)
+    assert [r["step"] for r in records] == list(range(1, 58))
+    read = metrics.read_steps(str(tmp_path))
+    for i, name in enumerate(loop.SIGNALS):
+        np.testing.assert_allclose(read[name], both[:, i], rtol=1e-6)
+    column = {name: both[:, i] for i, name in enumerate(loop.SIGNALS)}
+    column["update_ratio"] = column["update_norm"] / column["param_norm"]
+    descriptions = _descriptions(str(tmp_path), "train")
+    for name in metrics.PER_STEP:
+        tag = metrics.TAGS[name][0]
+        points = _scalars(str(tmp_path), tag)
+        assert [s for s, _ in points] == list(range(1, 58)), name
+        np.testing.assert_allclose([v for _, v in points], column[name], rtol=1e-5)
+        assert descriptions[tag] == metrics.TAGS[name][1]
+
+
+def test_write_event_goes_to_jsonl_tensorboard_and_console(tmp_path, caplog):
+    caplog.set_level(logging.WARNING)
+    writer = _writer(tmp_path)
+    event = {"health": "explode", "message": "loss rose 12x", "learning_rate": 0.8}
+    writer.write_event(60, event)
+    writer.close()
+    assert metrics.read_records(str(tmp_path)) == [{"step": 60, "kind": "health", **event}]
+    found = _events(str(tmp_path), "train")
+    assert ("text", "health/events", 60, b"explode: loss rose 12x") in [f[:4] for f in found]
+    marker = health.KINDS.index("explode") + 1
+    assert _scalars(str(tmp_path), "health/event") == [(60, marker)]
+    assert "health | step: 60 | explode | loss rose 12x" in caplog.text
 
 
 def test_progress_line(tmp_path, caplog):
     caplog.set_level(logging.INFO)
+    caplog.set_level(logging.INFO, logger="absl")  # absl.app (other tests) leaves it at WARNING.
     writer = _writer(tmp_path)
     writer.write(10, {"loss": 0.5, "accuracy": 0.25})
     writer.write(20, {"eval_loss": 0.75}, kind="eval")
@@ -75,7 +143,7 @@ def test_write_text(tmp_path):
     writer = _writer(tmp_path)
     writer.write_text("plan", "plan | replicas: 2", step=0)
     writer.close()
-    texts = [(t, s, v) for plugin, t, s, v in _events(str(tmp_path)) if plugin == "text"]
+    texts = [(t, s, v) for plugin, t, s, v, _ in _events(str(tmp_path)) if plugin == "text"]
     assert texts == [("plan", 0, b"plan | replicas: 2")]
 
 
@@ -93,9 +161,11 @@ def test_resume_drops_records_after_the_restored_step(tmp_path, resume_step, kep
     first = _writer(tmp_path)
     for step in (10, 20, 30, 40, 50):
         first.write(step, {"loss": 1.0, "run": 1})
+    first.write_steps(1, _steps(1, 50))
     first.close()  # "Crash" after step 50; the last checkpoint was at resume_step.
     second = _writer(tmp_path, resume_step=resume_step)
     assert [r["step"] for r in metrics.read_records(str(tmp_path))] == kept
+    assert metrics.read_steps(str(tmp_path))["step"].tolist() == list(range(1, 51))[:resume_step]
     redo = [s for s in (10, 20, 30, 40, 50, 60) if s > resume_step]
     for step in redo:
         second.write(step, {"loss": 0.5, "run": 2})
@@ -189,6 +259,8 @@ def test_disabled_writer_writes_nothing(tmp_path):
     writer.write(10, {"loss": 1.0})
     writer.write_text("plan", "text")
     writer.write_lr_curve([0.1, 0.2, 0.3])
+    writer.write_steps(1, _steps(1, 3))
+    writer.write_event(3, {"health": "stall", "message": "flat", "learning_rate": 0.1})
     writer.close()
     assert os.listdir(tmp_path) == []
 
@@ -206,7 +278,7 @@ def test_lr_curve_short_is_written_in_full(tmp_path):
     writer = _writer(tmp_path)
     writer.write_lr_curve(curve)
     writer.close()
-    points = _scalars(str(tmp_path), "planned_learning_rate")
+    points = _scalars(str(tmp_path), "lr/learning_rate", run="")  # The applied LR's tag.
     assert [step for step, _ in points] == list(range(1, 51))  # curve[i] is update i + 1.
     np.testing.assert_allclose([v for _, v in points], curve, rtol=1e-6, atol=1e-9)
 
@@ -220,7 +292,7 @@ def test_lr_curve_long_is_subsampled(tmp_path, length):
     writer.write_lr_curve(curve)
     elapsed = time.monotonic() - start
     writer.close()
-    points = _scalars(str(tmp_path), "planned_learning_rate")
+    points = _scalars(str(tmp_path), "lr/learning_rate", run="")
     steps = [step for step, _ in points]
     assert len(steps) <= 1000
     if length <= 1000:

@@ -1,7 +1,9 @@
 """The compiled inner loops: `num_steps` train steps, or one eval pass, per tf.function call.
 
-Nothing in here syncs with the host: the Python side reads the returned scalars once per call.
-`num_steps` is a tensor, so a shorter last loop does not retrace.
+Nothing in here syncs with the host: the Python side reads the returned tensors once per call.
+`num_steps` is a tensor, so a shorter last loop does not retrace. Besides the means, the train
+loop returns every update's health signals as a `[num_steps, len(SIGNALS)]` matrix, filled in a
+TensorArray sized by `num_steps` and read once, at the loop boundary.
 """
 
 from collections.abc import Callable
@@ -12,22 +14,78 @@ import tensorflow as tf
 SUM = tf.distribute.ReduceOp.SUM
 # What `eval_loop` returns, in order; `lr.plateau_metric` must be one (checked at start-up).
 EVAL_METRICS = ("eval_loss", "eval_accuracy")
+# The columns of the per-update `steps` matrix `train_loop` returns, all global (the same on
+# every replica): the loss over the global batch; the L2 norm of the all-reduced gradient (before
+# clipping); the L2 norm of the weights before the update; the L2 norm of the change the update
+# made to the weights (measured: new minus old weights); the LR the optimizer applied; 1 if the
+# update was skipped (health.action=skip), else 0.
+SIGNALS = ("loss", "grad_norm", "param_norm", "update_norm", "learning_rate", "skipped")
 
 
 def _per_example_loss(labels: tf.Tensor, logits: tf.Tensor) -> tf.Tensor:
     return keras.losses.sparse_categorical_crossentropy(labels, logits, from_logits=True)
 
 
-def _clip_by_global_norm(grads: list[tf.Tensor], clip_norm: float) -> list[tf.Tensor]:
-    """Clips the *all-reduced* gradient, then hands Keras 1/replicas of it to sum again.
+class SpikeGuard(tf.Module):
+    """In-graph running statistics of the loss and gradient norm; drops spiking updates if asked.
 
-    Keras 3 clips before it all-reduces (per-replica partial gradients: the wrong norm), so the
-    optimizer's own clipnorm is not used. This costs one extra all-reduce, only when clipping.
+    The in-graph twin of `health.spike_flags` (same rule, same numbers): an update is a spike if
+    the log of its loss or gradient norm exceeds mean + sigma x std of the logs of the last
+    `window` finite values, once `min_history` of them exist (Levanter's and OLMo-core's
+    skip-step rule, 128 / 6 / 64 by default, on the log scale). With `skip`, such an update and
+    any non-finite one are dropped without a host sync: the update runs under a `tf.cond` on
+    that decision, in cross-replica context (a cond inside the replica function cannot contain
+    Keras's all-reduce), decided from all-reduced values so every replica takes the same branch.
+    A skipped update leaves weights and optimizer slots untouched but does advance
+    `optimizer.iterations`, so the schedule, the step and the input position stay in lock step
+    (the skipped batch counts as consumed).
+
+    The statistics are variables (create under `strategy.scope()`) and part of the checkpoint,
+    so a resumed run decides exactly as an uninterrupted one would. They are kept in every mode,
+    so switching `health.action` to skip on resume starts from warm statistics.
     """
-    context = tf.distribute.get_replica_context()
-    summed = context.all_reduce(SUM, grads)
-    clipped, _ = tf.clip_by_global_norm(summed, clip_norm)
-    return [grad / context.num_replicas_in_sync for grad in clipped]
+
+    def __init__(self, *, window: int, sigma: float, min_history: int, skip: bool):
+        super().__init__(name="spike_guard")
+        self.window, self.sigma, self.min_history, self.skip = window, sigma, min_history, skip
+        # Logs of the last `window` finite positive losses and gradient norms (a ring buffer).
+        self.losses = tf.Variable(tf.zeros([window]), trainable=False, name="losses")
+        self.grad_norms = tf.Variable(tf.zeros([window]), trainable=False, name="grad_norms")
+        self.count = tf.Variable(0, dtype=tf.int64, trainable=False, name="count")
+        self.skipped = tf.Variable(0, dtype=tf.int64, trainable=False, name="skipped")
+
+    def _exceeds(self, history: tf.Variable, value: tf.Tensor) -> tf.Tensor:
+        valid = tf.range(self.window, dtype=tf.int64) < self.count
+        n = tf.maximum(tf.reduce_sum(tf.cast(valid, tf.float32)), 1.0)
+        mean = tf.reduce_sum(tf.where(valid, history, 0.0)) / n
+        variance = tf.reduce_sum(tf.where(valid, tf.square(history - mean), 0.0)) / n
+        return value > mean + self.sigma * tf.maximum(tf.sqrt(variance), 1e-6)
+
+    def observe(self, loss: tf.Tensor, grad_norm: tf.Tensor) -> tf.Tensor:
+        """Whether to apply this update (always, unless `skip`); records it in the statistics."""
+        usable = tf.logical_and(
+            tf.logical_and(tf.math.is_finite(loss), tf.math.is_finite(grad_norm)),
+            tf.logical_and(loss > 0, grad_norm > 0),
+        )
+        log_loss = tf.math.log(tf.where(usable, loss, 1.0))
+        log_grad_norm = tf.math.log(tf.where(usable, grad_norm, 1.0))
+        spike = tf.logical_and(
+            self.count >= self.min_history,
+            tf.logical_or(
+                self._exceeds(self.losses, log_loss),
+                self._exceeds(self.grad_norms, log_grad_norm),
+            ),
+        )
+        finite = tf.logical_and(tf.math.is_finite(loss), tf.math.is_finite(grad_norm))
+        keep = tf.logical_and(finite, tf.logical_not(spike)) if self.skip else tf.constant(True)
+        # Spikes enter the window too (as in Levanter and OLMo-core); non-finite values never.
+        index = [[self.count % self.window]]
+        for history, value in ((self.losses, log_loss), (self.grad_norms, log_grad_norm)):
+            updated = tf.tensor_scatter_nd_update(history, index, [value])
+            history.assign(tf.where(usable, updated, history))
+        self.count.assign_add(tf.cast(usable, tf.int64))
+        self.skipped.assign_add(tf.cast(tf.logical_not(keep), tf.int64))
+        return keep
 
 
 def make_train_loop(
@@ -37,10 +95,16 @@ def make_train_loop(
     optimizer: keras.optimizers.Optimizer,
     global_batch_size: int,
     grad_clip_norm: float = 0.0,
+    guard: SpikeGuard | None = None,
 ) -> Callable[[object, tf.Tensor], dict[str, tf.Tensor]]:
-    """Returns `train_loop(iterator, num_steps)` -> mean loss/accuracy and the last applied LR."""
+    """Returns `train_loop(iterator, num_steps)` -> mean loss/accuracy, the last applied LR and
+    `steps`, the `[num_steps, len(SIGNALS)]` per-update signals.
 
-    def train_step(images: tf.Tensor, labels: tf.Tensor) -> tuple[tf.Tensor, ...]:
+    Without a `guard` (e.g. the LR range test) no statistics are kept and nothing is skipped.
+    """
+    variables = model.trainable_variables
+
+    def forward_backward(images: tf.Tensor, labels: tf.Tensor) -> tuple[tf.Tensor, ...]:
         with tf.GradientTape() as tape:
             logits = model(images, training=True)
             # Averaged over the *global* batch: replicas' gradients are summed by the all-reduce.
@@ -49,32 +113,76 @@ def make_train_loop(
             )
             if model.losses:
                 loss += tf.nn.scale_regularization_loss(tf.add_n(model.losses))
-        grads = tape.gradient(loss, model.trainable_variables)
-        if grad_clip_norm > 0:
-            grads = _clip_by_global_norm(grads, grad_clip_norm)
-        # Read from the optimizer just before it applies: exactly the LR of this update.
-        learning_rate = tf.cast(optimizer.learning_rate, tf.float32)
-        optimizer.apply_gradients(zip(grads, model.trainable_variables, strict=True))
+        grads = tape.gradient(loss, variables)
+        # The norm of the all-reduced gradient (the global one; per-replica partial gradients
+        # have another norm). It costs one all-reduce of the gradient on top of the optimizer's
+        # own (Keras reduces inside apply_gradients, with no way to hand it a reduced gradient);
+        # with one replica it is free. Clipping uses it too: Keras 3 would clip before its
+        # all-reduce (the wrong norm), so its own clipnorm is not used.
+        context = tf.distribute.get_replica_context()
+        summed = context.all_reduce(SUM, grads)
+        grad_norm = tf.linalg.global_norm(summed)
+        if grad_clip_norm > 0:  # Keras sums what it gets again: hand it 1/replicas of the sum.
+            clipped, _ = tf.clip_by_global_norm(summed, grad_clip_norm, use_norm=grad_norm)
+            grads = [grad / context.num_replicas_in_sync for grad in clipped]
         correct = tf.reduce_sum(
             tf.cast(tf.equal(tf.argmax(logits, -1, output_type=labels.dtype), labels), tf.float32)
         )
-        return loss, correct, learning_rate
+        return loss, correct, grad_norm, grads
+
+    def apply(grads: list[tf.Tensor]) -> None:
+        optimizer.apply_gradients(zip(grads, variables, strict=True))
+
+    def train_step(batch) -> tuple[tf.Tensor, tf.Tensor]:
+        """One update, in cross-replica context; returns its SIGNALS row and correct count."""
+        before = [tf.identity(v) for v in variables]  # Kept by copy-on-write: one weight copy.
+        loss, correct, grad_norm, grads = strategy.run(forward_backward, args=batch)
+        loss = strategy.reduce(SUM, loss, axis=None)
+        grad_norm = strategy.experimental_local_results(grad_norm)[0]  # Same on every replica.
+        # Read from the optimizer just before it applies: exactly the LR of this update.
+        learning_rate = tf.cast(optimizer.learning_rate, tf.float32)
+
+        def apply_update() -> tf.Tensor:
+            strategy.run(apply, args=(grads,))
+            return tf.constant(1.0)
+
+        def skip_update() -> tf.Tensor:
+            optimizer.iterations.assign_add(1)  # Nothing else moves (see SpikeGuard).
+            return tf.constant(0.0)
+
+        keep = None if guard is None else guard.observe(loss, grad_norm)
+        if guard is not None and guard.skip:
+            applied = tf.cond(keep, apply_update, skip_update)
+        else:
+            applied = apply_update()
+        after = [tf.identity(v) for v in variables]
+        update_norm = tf.linalg.global_norm([a - b for a, b in zip(after, before, strict=True)])
+        row = tf.stack(
+            [
+                loss,
+                grad_norm,
+                tf.linalg.global_norm(before),
+                update_norm,
+                learning_rate,
+                1.0 - applied,
+            ]
+        )
+        return row, strategy.reduce(SUM, correct, axis=None)
 
     @tf.function
     def train_loop(iterator, num_steps: tf.Tensor) -> dict[str, tf.Tensor]:
-        loss_sum = tf.constant(0.0)
+        rows = tf.TensorArray(tf.float32, size=num_steps, element_shape=[len(SIGNALS)])
         correct_sum = tf.constant(0.0)
-        learning_rate = tf.constant(0.0)
-        for _ in tf.range(num_steps):
-            loss, correct, per_replica_lr = strategy.run(train_step, args=next(iterator))
-            loss_sum += strategy.reduce(SUM, loss, axis=None)
-            correct_sum += strategy.reduce(SUM, correct, axis=None)
-            learning_rate = strategy.experimental_local_results(per_replica_lr)[0]
-        steps = tf.cast(num_steps, tf.float32)
+        for i in tf.range(num_steps):
+            row, correct = train_step(next(iterator))
+            rows = rows.write(i, row)
+            correct_sum += correct
+        steps = rows.stack()
         return {
-            "loss": loss_sum / steps,
-            "accuracy": correct_sum / (steps * global_batch_size),
-            "learning_rate": learning_rate,
+            "loss": tf.reduce_mean(steps[:, 0]),
+            "accuracy": correct_sum / (tf.cast(num_steps, tf.float32) * global_batch_size),
+            "learning_rate": steps[-1, SIGNALS.index("learning_rate")],
+            "steps": steps,
         }
 
     return train_loop

@@ -11,7 +11,7 @@ import ml_collections
 import tensorflow as tf
 from absl import logging
 
-from trainer import checkpointing, learning_rate, lr_control, lr_override, metrics
+from trainer import checkpointing, health, learning_rate, lr_control, lr_override, metrics
 from trainer import state as state_lib
 from trainer.errors import ConfigError, UserError
 from trainer.setup import Setup
@@ -19,6 +19,10 @@ from trainer.setup import Setup
 
 class NonFiniteLossError(UserError, FloatingPointError):
     """The loss became NaN/Inf and `nan_policy` says to stop; the message names the fix."""
+
+
+class UnstableTrainingError(UserError):
+    """health.action=rollback rolled back `health.max_rollbacks` times and the loss still spiked."""
 
 
 class Run:
@@ -46,6 +50,7 @@ class Run:
         )
         self.last_saved_step: int | None = None
         self._recoveries = 0
+        self._rollbacks = 0
         self._config_changes: list[str] = []  # Found on resume; logged once the writer is open.
         self.writer: metrics.MetricWriter | None = None  # Opened once the resume step is known.
 
@@ -180,10 +185,39 @@ class Run:
             self._recoveries,
             config.nan_max_recoveries,
         )
+        self._restore_newest()
+        return self.controller.scale(config.nan_lr_factor, self.step, "NaN recovery")
+
+    def roll_back(self, event: health.Event) -> str:
+        """health.action=rollback after a spike or explosion: today's NaN recovery, for spikes.
+
+        Restores the newest complete checkpoint (saved before the loop that spiked, so before
+        the spike) and multiplies the LR by `health.rollback_lr_factor`. Returns the LR event.
+        Raises UnstableTrainingError after `health.max_rollbacks` rollbacks in this process.
+        """
+        self._rollbacks += 1
+        config = self.config.health
+        if self._rollbacks > config.max_rollbacks:
+            raise UnstableTrainingError(
+                f"health {event.kind} at step {event.step} after {config.max_rollbacks} "
+                f"rollbacks: {event.message}"
+            )
+        logging.warning(
+            "health %s at step %d: rolling back to the newest checkpoint (rollback %d of %d)",
+            event.kind,
+            event.step,
+            self._rollbacks,
+            config.max_rollbacks,
+        )
+        self._restore_newest()
+        reason = f"health rollback: {event.kind} at step {event.step}"
+        return self.controller.scale(config.rollback_lr_factor, self.step, reason)
+
+    def _restore_newest(self) -> None:
+        """Back to the newest complete checkpoint; the logs forget what came after it."""
         restored = self.checkpointer.restore_latest(self.manifest())
         self._align_schedule(restored)
         self.writer.rewind(self.step)
-        return self.controller.scale(config.nan_lr_factor, self.step, "NaN recovery")
 
     def take_lr_override(self) -> tuple[list[str], bool]:
         """Applies a pending `lr_override.json`; returns its events and whether it changed the LR.

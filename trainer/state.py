@@ -7,7 +7,7 @@ import keras
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from trainer import checkpointing, learning_rate, models, optimizers
+from trainer import checkpointing, learning_rate, loop, models, optimizers
 from trainer.setup import Setup
 
 
@@ -19,6 +19,7 @@ class TrainState:
     optimizer: keras.optimizers.Optimizer
     schedule: learning_rate.ControlledSchedule  # What the optimizer calls for every update's LR.
     examples_seen: tf.Variable  # The input position: the stream resumes exactly here.
+    guard: loop.SpikeGuard  # The running loss/gradient-norm statistics a skip decision reads.
     checkpoint: tf.train.Checkpoint
 
     @property
@@ -57,6 +58,13 @@ def build_state(
         optimizer = optimizers.build_optimizer(
             config.optimizer, schedule, model.trainable_variables
         )
+        health = config.health
+        guard = loop.SpikeGuard(
+            window=health.window,
+            sigma=health.sigma,
+            min_history=health.min_history,
+            skip=health.action == "skip",
+        )
     examples_seen = tf.Variable(0, dtype=tf.int64, trainable=False, name="examples_seen")
     checkpoint = tf.train.Checkpoint(
         model=model,
@@ -64,8 +72,9 @@ def build_state(
         lr_state=schedule.state,
         examples_seen=examples_seen,
         rng=checkpointing.seed_generator_states(model),
+        health=guard,
     )
-    return TrainState(model, optimizer, schedule, examples_seen, checkpoint)
+    return TrainState(model, optimizer, schedule, examples_seen, guard, checkpoint)
 
 
 def manifest(setup: Setup, state: TrainState) -> checkpointing.Manifest:

@@ -1,15 +1,16 @@
 """`train_and_evaluate(config, workdir)`: the whole run, top to bottom."""
 
 import dataclasses
-import math
 import time
 from contextlib import nullcontext
 
 import ml_collections
+import numpy as np
 import tensorflow as tf
 
-from trainer import loop, lr_override, preemption, workdir_lock
+from trainer import health, loop, lr_override, metrics, preemption, workdir_lock
 from trainer import setup as setup_lib
+from trainer.health import report
 from trainer.run import Run
 
 
@@ -23,6 +24,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         # 1. Strategy, data and the plan: every derived number, computed and logged once. Every
         #    user error is raised here, before anything is written.
         setup = setup_lib.prepare(config)
+        health.check_config(config.health)
         signals.take_back_handlers()
         if signals.received:
             raise preemption.Preempted(None)
@@ -44,16 +46,31 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 class _Window:
     """Train numbers accumulated on the host between two log records."""
 
-    loss: float = 0.0
-    accuracy: float = 0.0
-    steps: int = 0
+    rows: list = dataclasses.field(default_factory=list)  # Per-update loop.SIGNALS rows.
+    correct: float = 0.0  # Accuracy x updates.
     seconds: float = 0.0
 
-    def add(self, outputs: dict[str, float], steps: int, seconds: float) -> None:
-        self.loss += outputs["loss"] * steps
-        self.accuracy += outputs["accuracy"] * steps
-        self.steps += steps
+    def add(self, outputs: dict, steps: np.ndarray, seconds: float) -> None:
+        self.rows.append(steps)
+        self.correct += float(outputs["accuracy"]) * len(steps)
         self.seconds += seconds
+
+    def record(self, global_batch_size: int) -> dict[str, float]:
+        """Means over the window's updates (the LR and the weight norm: of the last one)."""
+        rows = np.concatenate(self.rows)
+        column = {name: rows[:, i] for i, name in enumerate(loop.SIGNALS)}
+        applied = column["skipped"] == 0
+        ratios = column["update_norm"][applied] / column["param_norm"][applied]
+        return {
+            "learning_rate": float(column["learning_rate"][-1]),  # Applied in update `step`.
+            "loss": float(column["loss"].mean()),
+            "accuracy": self.correct / len(rows),
+            "examples_per_sec": len(rows) * global_batch_size / self.seconds,
+            "grad_norm": float(column["grad_norm"].mean()),
+            "param_norm": float(column["param_norm"][-1]),
+            "update_ratio": float(ratios.mean()) if len(ratios) else 0.0,
+            "loss_max": float(column["loss"].max()),
+        }
 
 
 def _next_stop(plan_step: int, config: ml_collections.ConfigDict, total: int, milestone) -> int:
@@ -76,6 +93,7 @@ def _train(run: Run, signals: preemption.SignalWatcher) -> dict[str, float]:
         optimizer=state.optimizer,
         global_batch_size=plan.global_batch_size,
         grad_clip_norm=config.optimizer.grad_clip_norm,
+        guard=state.guard,
     )
     eval_loop = loop.make_eval_loop(strategy=setup.strategy, model=state.model)
     train_iterator = setup.train_iterator(run.examples_seen)
@@ -88,6 +106,7 @@ def _train(run: Run, signals: preemption.SignalWatcher) -> dict[str, float]:
     window = _Window()
     eval_metrics: dict[str, float] = {}
     num_workers = setup.topology.num_workers
+    monitor = _monitor(run)
     # 6. The outer loop: an inner loop of steps in one tf.function, then host-side work. A signal
     #    received at any time (also during set-up or restore) stops it at the next boundary.
     while run.plan_step < plan.total_steps:
@@ -100,17 +119,30 @@ def _train(run: Run, signals: preemption.SignalWatcher) -> dict[str, float]:
         num_steps = stop - plan_step
         started = time.monotonic()
         outputs = train_loop(train_iterator, tf.constant(num_steps))
-        outputs = {k: float(v.numpy()) for k, v in outputs.items()}  # The one host sync.
+        outputs = {k: v.numpy() for k, v in outputs.items()}  # The one host sync.
         seconds = time.monotonic() - started
         state.examples_seen.assign_add(num_steps * plan.global_batch_size)
 
-        if not math.isfinite(outputs["loss"]):
-            run.log_events([run.recover_from_non_finite(outputs["loss"])])
-            train_iterator = setup.train_iterator(run.examples_seen)
-            window = _Window()
+        # Every update's signals, then the health rules over them (events reported at once).
+        steps = outputs.pop("steps")
+        first = run.step - num_steps + 1
+        run.writer.write_steps(first, steps)
+        found = monitor.observe(_columns(first, steps))
+        for event in found:
+            run.writer.write_event(event.step, event.record())
+        applied = steps[:, loop.SIGNALS.index("skipped")] == 0
+        nonfinite = ~np.isfinite(steps[:, :2]).all(axis=1)  # Loss or gradient norm.
+        if (nonfinite & applied).any():  # Skipped updates left the weights as they were.
+            run.log_events([run.recover_from_non_finite(float(outputs["loss"]))])
+            train_iterator, window, monitor = _restart(run)
+            continue
+        spikes = [e for e in found if e.kind in ("spike", "explode")]
+        if config.health.action == "rollback" and spikes:
+            run.log_events([run.roll_back(spikes[0])])
+            train_iterator, window, monitor = _restart(run)
             continue
 
-        window.add(outputs, num_steps, seconds)
+        window.add(outputs, steps, seconds)
         plan_step = run.plan_step
         done = plan_step >= plan.total_steps
         events = run.controller.on_loop_end(run.step)
@@ -119,12 +151,10 @@ def _train(run: Run, signals: preemption.SignalWatcher) -> dict[str, float]:
             run.writer.write(
                 run.step,
                 {
-                    "learning_rate": outputs["learning_rate"],  # Applied in update `step`.
-                    "loss": window.loss / window.steps,
-                    "accuracy": window.accuracy / window.steps,
-                    "examples_per_sec": window.steps * plan.global_batch_size / window.seconds,
+                    **window.record(plan.global_batch_size),
                     "examples_seen": run.examples_seen,
                     "epoch": run.examples_seen / plan.train_examples,
+                    "skipped_updates": int(state.guard.skipped.numpy()),
                 },
             )
             window = _Window()
@@ -142,4 +172,40 @@ def _train(run: Run, signals: preemption.SignalWatcher) -> dict[str, float]:
             run.save()
         if overridden:  # Only now is the change durable: the file may leave the queue.
             lr_override.mark_applied(run.workdir, run.step)
+    if setup.topology.is_chief:
+        report.write(run.workdir)  # health.json, health.png and a console summary.
     return eval_metrics
+
+
+def _columns(first: int, steps: np.ndarray) -> dict[str, np.ndarray]:
+    """A loop's `[n, len(SIGNALS)]` matrix as named columns, with the update numbers."""
+    return {
+        "step": np.arange(first, first + len(steps)),
+        **{name: steps[:, i] for i, name in enumerate(loop.SIGNALS)},
+    }
+
+
+def _monitor(run: Run) -> health.Monitor:
+    """The health monitor, having seen this run's updates up to its step (none if fresh).
+
+    Read from health_steps.jsonl, which every worker can see (a non-chief one may read before
+    the chief truncated it on resume, hence the filter), so all workers decide alike.
+    """
+    plan, config = run.plan, run.config
+    offset = run.plan_step - run.step
+
+    def phase(step: int) -> str:
+        return health.describe_phase(
+            step + offset, plan.warmup_steps, plan.total_steps, config.lr.decay
+        )
+
+    monitor = health.Monitor(health.Rules.from_config(config.health), phase)
+    history = metrics.read_steps(run.workdir)
+    upto = history["step"] <= run.step
+    monitor.replay({name: values[upto] for name, values in history.items()})
+    return monitor
+
+
+def _restart(run: Run):
+    """Input, log window and monitor after a restore (NaN recovery, rollback)."""
+    return run.setup.train_iterator(run.examples_seen), _Window(), _monitor(run)
