@@ -72,12 +72,18 @@ def get_config() -> ml_collections.ConfigDict:
     config.model.dropout_rate = 0.0  # Before the classifier; its RNG state is checkpointed.
 
     config.optimizer = ml_collections.ConfigDict()
-    config.optimizer.name = "sgd"  # sgd | adam | adamw
-    config.optimizer.momentum = 0.9  # sgd only.
+    config.optimizer.name = "sgd"  # sgd | adam | adamw | lars (above ~8k global batch)
+    config.optimizer.momentum = 0.9  # sgd and lars.
     config.optimizer.nesterov = False  # sgd only.
     config.optimizer.beta_1 = 0.9  # adam/adamw only.
     config.optimizer.beta_2 = 0.999  # adam/adamw only.
-    config.optimizer.weight_decay = 0.0  # Decoupled (adamw) or Keras weight decay (sgd/adam).
+    config.optimizer.weight_decay = 0.0  # Applied as weight_decay_mode says; 0 = off.
+    # l2: loss += 0.5 * wd * ||w||^2, through momentum (Goyal et al.) | decoupled: w -= lr * wd * w.
+    config.optimizer.weight_decay_mode = "decoupled"
+    # Regexes searched in variable paths ("conv1_bn/gamma"): no decay (nor LARS adaptation) there.
+    config.optimizer.weight_decay_exclude = ("bias", "gamma", "beta")
+    config.optimizer.momentum_correction = False  # sgd/lars: velocity x lr_t / lr_{t-1} (Goyal).
+    config.optimizer.lars_trust_coefficient = 0.001  # lars only: eta of You et al. 2017.
     # Clip the all-reduced gradient to this global norm; 0 = no clipping.
     config.optimizer.grad_clip_norm = 0.0
 

@@ -1,15 +1,13 @@
-"""Tests for trainer/models.py and trainer/optimizers.py: builders by name, dropout RNG, slots."""
+"""Tests for trainer/models.py: builders by name, dropout RNG (optimizers: optimizers_test.py)."""
 
 import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-import testutil
 
 from configs import default as default_config
-from trainer import checkpointing, models, optimizers
+from trainer import checkpointing, models
 from trainer.errors import ConfigError
-from trainer.learning_rate import WarmupDecaySchedule
 
 # (input shape, width) per model; resnet50 has a fixed width (not in the width test).
 SMALL = {
@@ -118,106 +116,6 @@ def test_dropout_seed_sets_the_initial_rng_state():
 
     np.testing.assert_array_equal(initial_state(1), initial_state(1))
     assert not np.array_equal(initial_state(1), initial_state(2))
-
-
-def _optimizer_config(name: str, **overrides):
-    config = default_config.get_config().optimizer
-    config.name = name
-    for key, value in overrides.items():
-        config[key] = value
-    return config
-
-
-def _schedule():
-    return WarmupDecaySchedule(peak_lr=0.1, total_steps=10, warmup_steps=4, decay_kind="cosine")
-
-
-def _variables():
-    model = models.build_model(_model_config("mlp", 1), (2, 2, 1), 3, seed=0)
-    return model.trainable_variables
-
-
-@pytest.mark.parametrize(
-    "name, overrides, optimizer_type, expected",
-    [
-        ("sgd", {}, keras.optimizers.SGD, {"momentum": 0.9, "nesterov": False}),
-        ("sgd", {"momentum": 0.5, "nesterov": True}, keras.optimizers.SGD, {"momentum": 0.5}),
-        ("sgd", {"weight_decay": 1e-4}, keras.optimizers.SGD, {"weight_decay": 1e-4}),
-        ("adam", {}, keras.optimizers.Adam, {"beta_1": 0.9, "beta_2": 0.999}),
-        ("adam", {"beta_1": 0.8, "beta_2": 0.95}, keras.optimizers.Adam, {"beta_2": 0.95}),
-        ("adamw", {"weight_decay": 0.05}, keras.optimizers.AdamW, {"weight_decay": 0.05}),
-    ],
-)
-def test_optimizer_is_built_with_schedule_config_and_slots(
-    name, overrides, optimizer_type, expected
-):
-    schedule = _schedule()
-    variables = _variables()
-    config = _optimizer_config(name, **overrides)
-    optimizer = optimizers.build_optimizer(config, schedule, variables)
-    assert type(optimizer) is optimizer_type
-    for key, value in {**overrides, **expected}.items():
-        assert getattr(optimizer, key) == pytest.approx(value), key
-    # Built now: iterations plus at least one slot per variable, before any step.
-    assert optimizer.built
-    assert len(optimizer.variables) > len(variables) >= 1
-    slot_shapes = sorted(tuple(v.shape) for v in optimizer.variables[1:])
-    for variable in variables:
-        assert tuple(variable.shape) in slot_shapes
-    # The schedule is the LR: schedule(iterations), also after a step.
-    assert float(optimizer.learning_rate) == pytest.approx(float(schedule(0)))
-    before = [v.numpy() for v in variables]
-    optimizer.apply_gradients([(tf.ones_like(v), v) for v in variables])
-    assert int(optimizer.iterations.numpy()) == 1
-    assert float(optimizer.learning_rate) == pytest.approx(float(schedule(1)))
-    for old, variable in zip(before, variables, strict=True):
-        assert (variable.numpy() < old).all()  # A positive gradient moves every weight down.
-
-
-def test_sgd_first_step_applies_the_scheduled_lr():
-    schedule = _schedule()
-    variables = _variables()
-    optimizer = optimizers.build_optimizer(_optimizer_config("sgd"), schedule, variables)
-    before = [v.numpy() for v in variables]
-    optimizer.apply_gradients([(tf.ones_like(v), v) for v in variables])
-    lr = float(schedule(0))  # Momentum starts at 0: the first update is -lr * gradient.
-    for old, variable in zip(before, variables, strict=True):
-        np.testing.assert_allclose(variable.numpy(), old - lr, rtol=1e-6)
-
-
-def test_optimizer_built_under_mirrored_steps_in_replica_context():
-    strategy = testutil.mirrored(2)
-    with strategy.scope():
-        model = models.build_model(_model_config("mlp", 1), (2, 2, 1), 3, seed=0)
-        optimizer = optimizers.build_optimizer(
-            _optimizer_config("adam"), _schedule(), model.trainable_variables
-        )
-    before = [v.numpy() for v in model.trainable_variables]
-
-    @tf.function
-    def step():
-        def replica_step():
-            variables = model.trainable_variables
-            optimizer.apply_gradients([(tf.ones_like(v), v) for v in variables])
-
-        strategy.run(replica_step)
-
-    step()
-    assert int(optimizer.iterations.numpy()) == 1  # One global step, not one per replica.
-    for old, variable in zip(before, model.trainable_variables, strict=True):
-        replicas = [v.numpy() for v in strategy.experimental_local_results(variable.value)]
-        assert len(replicas) == 2
-        np.testing.assert_array_equal(replicas[0], replicas[1])
-        assert (replicas[0] < old).all()
-
-
-def test_unknown_optimizer_lists_the_names():
-    with pytest.raises(ValueError) as error:
-        optimizers.build_optimizer(_optimizer_config("lamb"), 0.1, _variables())
-    message = str(error.value)
-    assert "'lamb'" in message
-    for name in ("sgd", "adam", "adamw"):
-        assert name in message
 
 
 # (model fields, fragments of the error: the field, its value and the fix)

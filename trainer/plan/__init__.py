@@ -109,21 +109,6 @@ def _check_in_range(
         raise ConfigError(f"{field} ({value}) must be in {bounds}; {hint}")
 
 
-def _check_optimizer(optimizer: ml_collections.ConfigDict) -> None:
-    """Keras checks some of these only when the optimizer is built, after the workdir exists,
-    and without the field's name; so all are checked here, whichever optimizer reads them."""
-    _check_choice("optimizer.name", optimizer.name, tuple(optimizers.OPTIMIZERS))
-    _check_in_range(
-        "optimizer.momentum", optimizer.momentum, 0, 1, bounds="[0, 1]", hint="e.g. 0.9"
-    )
-    for field, typical in (("beta_1", 0.9), ("beta_2", 0.999)):
-        value = optimizer[field]
-        _check_in_range(f"optimizer.{field}", value, 0, 1, bounds="[0, 1)", hint=f"e.g. {typical}")
-    for field in ("weight_decay", "grad_clip_norm"):
-        if optimizer[field] < 0:
-            raise ConfigError(f"optimizer.{field} ({optimizer[field]}) must be >= 0; 0 = off")
-
-
 def _check_plateau_metric(lr: ml_collections.ConfigDict) -> None:
     """Checked here, not at the first eval (possibly hours in), against what eval returns."""
     metric = lr.plateau_metric
@@ -169,7 +154,7 @@ def check_config(config: ml_collections.ConfigDict) -> None:
         )
     learning_rate.check_config(config.lr)
     _check_plateau_metric(config.lr)
-    _check_optimizer(config.optimizer)
+    optimizers.check_config(config.optimizer)
     models.check_config(config.model)
 
 
