@@ -70,6 +70,9 @@ def get_config() -> ml_collections.ConfigDict:
     config.model.name = "small_cnn"  # mlp | small_cnn | resnet_cifar | resnet50
     config.model.width = 32  # First conv stage's channels (MLP: width x 8 units; not resnet50).
     config.model.dropout_rate = 0.0  # Before the classifier; its RNG state is checkpointed.
+    config.model.zero_init_residual = False  # gamma = 0 in each residual block's last BN (resnets).
+    config.model.bn_momentum = 0.99  # Keras convention: moving = m * moving + (1 - m) * batch.
+    config.model.bn_epsilon = 1e-3  # BatchNorm epsilon (resnets); Keras's default.
 
     config.optimizer = ml_collections.ConfigDict()
     config.optimizer.name = "sgd"  # sgd | adam | adamw | lars (above ~8k global batch)

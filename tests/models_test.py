@@ -1,9 +1,10 @@
-"""Tests for trainer/models.py: builders by name, dropout RNG (optimizers: optimizers_test.py)."""
+"""Tests for trainer/models.py: builders by name, ResNet options, per-replica dropout, its RNG."""
 
 import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+import testutil
 
 from configs import default as default_config
 from trainer import checkpointing, models
@@ -127,6 +128,9 @@ BAD_MODEL_CASES = [
     ({"width": 0}, ["model.width (0)", "positive integer", "e.g. 32"]),
     ({"width": -4}, ["model.width (-4)", "positive integer"]),
     ({"name": "vgg"}, ["model.name ('vgg')", "mlp, small_cnn, resnet_cifar, resnet50"]),
+    ({"bn_momentum": 1.0}, ["model.bn_momentum (1.0)", "[0, 1)", "PyTorch's 0.1"]),
+    ({"bn_momentum": -0.1}, ["model.bn_momentum (-0.1)", "[0, 1)"]),
+    ({"bn_epsilon": 0.0}, ["model.bn_epsilon (0.0)", "positive", "1e-5"]),
 ]
 
 
@@ -150,3 +154,125 @@ def test_build_model_rejects_bad_dropout_before_keras():
     # Keras' own message ("Expected a float value between 0 and 1") names no config field.
     with pytest.raises(ConfigError, match=r"model\.dropout_rate \(1\.5\)"):
         models.build_model(_model_config("mlp", 2, 1.5), (4, 4, 1), 10, seed=0)
+
+
+def _batch_norms(model: keras.Model) -> list[keras.layers.BatchNormalization]:
+    return [layer for layer in model.layers if isinstance(layer, keras.layers.BatchNormalization)]
+
+
+def _zero_gammas(model: keras.Model) -> list[str]:
+    return [bn.name for bn in _batch_norms(model) if not np.any(bn.gamma.numpy())]
+
+
+def test_resnet50_is_v1_5_with_the_recipe_options():
+    """One build (a few seconds): the parameter count, where the stride is, the BN options."""
+    config = _model_config("resnet50")
+    config.zero_init_residual = True
+    config.bn_momentum, config.bn_epsilon = 0.9, 1e-5
+    model = models.build_model(config, (64, 64, 3), 1000, seed=0)
+    # torchvision's resnet50 (also v1.5, no conv biases) has exactly this many parameters.
+    assert sum(int(np.prod(v.shape)) for v in model.trainable_variables) == 25_557_032
+    layers = {layer.name: layer for layer in model.layers}
+    assert layers["conv3_block1_1_conv"].strides == (1, 1)
+    assert layers["conv3_block1_2_conv"].strides == (2, 2)  # v1.5: on the 3x3.
+    assert layers["conv3_block1_0_conv"].strides == (2, 2)  # The projection shortcut.
+    # gamma = 0 exactly in the last BN of each of the 16 bottleneck blocks, nowhere else.
+    expected = [
+        f"conv{stage}_block{block}_3_bn"
+        for stage, blocks in ((2, 3), (3, 4), (4, 6), (5, 3))
+        for block in range(1, blocks + 1)
+    ]
+    assert _zero_gammas(model) == expected
+    assert {(bn.momentum, bn.epsilon) for bn in _batch_norms(model)} == {(0.9, 1e-5)}
+
+
+def test_zero_init_residual_is_accepted_and_inert_without_residual_blocks():
+    config = _model_config("small_cnn", 2)
+    config.zero_init_residual = True
+    model = models.build_model(config, (8, 8, 3), 10, seed=0)
+    assert not _batch_norms(model)
+
+
+@pytest.mark.parametrize("zero_init", [False, True])
+def test_resnet_cifar_zero_init_residual_makes_each_block_start_as_identity(zero_init):
+    config = _model_config("resnet_cifar", 4)
+    config.zero_init_residual = zero_init
+    model = models.build_model(config, (8, 8, 3), 10, seed=0)
+    assert len(_zero_gammas(model)) == (3 if zero_init else 0)  # One per residual block.
+    if zero_init:
+        # The residual branch adds exactly 0: the first block's output is relu(its input).
+        block = model.get_layer(_zero_gammas(model)[0])
+        images = np.random.default_rng(0).normal(size=(2, 8, 8, 3)).astype(np.float32)
+        branch = keras.Model(model.input, block.output)(images, training=False)
+        assert not np.any(branch.numpy())
+
+
+def test_batch_norm_options_reach_every_layer():
+    config = _model_config("resnet_cifar", 2)
+    config.bn_momentum, config.bn_epsilon = 0.9, 1e-5
+    model = models.build_model(config, (8, 8, 3), 10, seed=0)
+    assert len(_batch_norms(model)) == 9  # Stem, 2 per block, 2 projection shortcuts.
+    assert {(bn.momentum, bn.epsilon) for bn in _batch_norms(model)} == {(0.9, 1e-5)}
+    # The Keras convention: after a training call, moving = 0.9 * moving + 0.1 * batch mean.
+    bn = _batch_norms(model)[0]
+    probe = keras.Model(model.input, bn.input)
+    images = np.random.default_rng(1).normal(size=(4, 8, 8, 3)).astype(np.float32)
+    batch_mean = probe(images).numpy().mean(axis=(0, 1, 2))
+    model(images, training=True)
+    np.testing.assert_allclose(bn.moving_mean.numpy(), 0.1 * batch_mean, rtol=1e-4, atol=1e-7)
+
+
+# --- per-replica dropout ----------------------------------------------------------------------
+
+
+def _dropout_model(strategy, seed: int = 3) -> keras.Model:
+    with strategy.scope():
+        return models.build_model(_model_config("mlp", 2, 0.5), (4, 4, 1), 10, seed=seed)
+
+
+def _features(model: keras.Model) -> keras.Model:
+    """The model up to its dropout output: the masks, where the input is all ones."""
+    (dropout,) = [layer for layer in model.layers if isinstance(layer, models.ReplicaDropout)]
+    return keras.Model(model.input, dropout.output)
+
+
+def test_one_replica_draws_keras_dropout_masks():
+    """Replica 0 keeps the layer's own seed: without a strategy nothing changes."""
+    ours = models.ReplicaDropout(0.5, seed=7)
+    theirs = keras.layers.Dropout(0.5, seed=7)
+    inputs = np.ones((4, 16), np.float32)
+    for _ in range(3):
+        np.testing.assert_array_equal(
+            ours(inputs, training=True).numpy(), theirs(inputs, training=True).numpy()
+        )
+
+
+def test_masks_differ_per_replica_and_resume_exactly(tmp_path):
+    strategy = testutil.mirrored(2)
+    model = _dropout_model(strategy)
+    features = _features(model)
+    (state,) = checkpointing.seed_generator_states(model)
+    checkpoint = tf.train.Checkpoint(model=model, rng=[state])
+    images = np.ones((4, 4, 4, 1), np.float32)
+
+    @tf.function
+    def masks():
+        per_replica = strategy.run(lambda: features(images, training=True))
+        return strategy.experimental_local_results(per_replica)
+
+    first = [m.numpy() for m in masks()]
+    assert not np.array_equal(first[0] != 0, first[1] != 0)  # Different masks per replica...
+    assert 0.2 < np.mean(first[0] == 0) < 0.8  # ...each dropping about half the features.
+    # The RNG state is one mirrored variable, advanced alike on both replicas.
+    states = [s.numpy() for s in strategy.experimental_local_results(state)]
+    np.testing.assert_array_equal(states[0], states[1])
+    path = checkpoint.write(str(tmp_path / "ckpt"))
+    after = [[m.numpy() for m in masks()] for _ in range(2)]
+    assert not np.array_equal(after[0][0], after[1][0])  # A fresh mask every step.
+
+    checkpoint.read(path).assert_existing_objects_matched()
+    restored = [[m.numpy() for m in masks()] for _ in range(2)]
+    for expected, got in zip(after, restored, strict=True):
+        for replica in range(2):
+            np.testing.assert_array_equal(got[replica], expected[replica])
+    assert masks.experimental_get_tracing_count() == 1
