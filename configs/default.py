@@ -38,6 +38,8 @@ def get_config() -> ml_collections.ConfigDict:
     config.checkpoint_every_steps = 200  # Also at the end and on preemption.
     config.max_checkpoints_to_keep = 3
     config.export_at_end = True  # SavedModel + .keras of the last checkpoint in export/final.
+    config.best_metric = ""  # eval_loss | eval_accuracy: its best kept in export/best; "" = off.
+    config.best_mode = "max"  # max | min: which direction of best_metric is better.
 
     config.distribution = ml_collections.ConfigDict()
     # auto | default | one_device | mirrored | multi_worker | tpu. auto = mirrored over all local
