@@ -40,6 +40,10 @@ def get_config() -> ml_collections.ConfigDict:
     config.export_at_end = True  # SavedModel + .keras of the last checkpoint in export/final.
     config.best_metric = ""  # eval_loss | eval_accuracy: its best kept in export/best; "" = off.
     config.best_mode = "max"  # max | min: which direction of best_metric is better.
+    # Fine-tuning: model weights for a fresh run from a workdir, .../ckpt-N, .keras or .weights.h5.
+    config.init_checkpoint = ""
+    config.init_checkpoint_include = ()  # Layer-name patterns to load (fnmatch); () = all.
+    config.init_checkpoint_exclude = ()  # Layer-name patterns left fresh, e.g. ("dense_1",).
 
     config.distribution = ml_collections.ConfigDict()
     # auto | default | one_device | mirrored | multi_worker | tpu. auto = mirrored over all local
