@@ -1,6 +1,10 @@
 """Tests for trainer/health: each rule fires on its synthetic case, and only there."""
 
+import glob
 import json
+import os
+import signal
+import subprocess
 
 import numpy as np
 import pytest
@@ -8,8 +12,9 @@ import tensorflow as tf
 import testutil
 
 from configs import default as default_config
-from trainer import health, loop
-from trainer.errors import ConfigError
+from trainer import health, learning_rate, loop, metrics, preemption
+from trainer import plan as plan_lib
+from trainer.errors import ConfigError, UserError
 from trainer.health import report
 
 N = 400
@@ -240,3 +245,191 @@ def test_report_from_the_files_of_a_run(tmp_path):
     assert [e["step"] for e in summary["events"]] == [251]
     assert json.loads((tmp_path / "health.json").read_text()) == summary
     assert (tmp_path / "health.png").read_bytes().startswith(testutil.PNG_MAGIC)
+
+
+# ---------------------------------------------------------------------------------------------
+# End to end (slow): the real trainer in subprocesses.
+
+SHORT = (  # A small MLP run, for the LR and action cases.
+    "--config.model.name=mlp",
+    "--config.total_steps=120",
+    "--config.eval_every_steps=1000",
+    "--config.checkpoint_every_steps=1000",
+)
+
+
+def _health_events(workdir) -> list[dict]:
+    return [r for r in metrics.read_records(str(workdir)) if r.get("kind") == "health"]
+
+
+def _run_spiked(workdir, *overrides, data_dir, update, check=True):
+    """`run_main` through tests/spike_injection.py: the loss of `update` spikes (once)."""
+    command = testutil.main_command(
+        workdir, *overrides, data_dir=data_dir, module="spike_injection"
+    )
+    command.append(f"--spike_at_update={update}")
+    env = {
+        **testutil.ENV,
+        "PYTHONPATH": os.pathsep.join([testutil.REPO, os.path.dirname(__file__)]),
+    }
+    return subprocess.Popen(command, cwd=testutil.REPO, env=env, stderr=subprocess.PIPE, text=True)
+
+
+def _finish(process, expect=0):
+    _, stderr = process.communicate(timeout=600)
+    assert process.returncode == expect, stderr[-4000:]
+    return stderr
+
+
+@pytest.fixture(scope="module")
+def default_run(tmp_path_factory, data_dir):
+    """The real default config (small CNN, SGD momentum, warmup + cosine) at 200 steps."""
+    workdir = tmp_path_factory.mktemp("default")
+    result = testutil.run_main(
+        workdir,
+        "--config.total_steps=200",
+        "--config.eval_every_steps=100",
+        data_dir=data_dir,
+    )
+    return workdir, result.stderr
+
+
+@pytest.mark.slow
+def test_default_config_reports_nothing(default_run):
+    workdir, stderr = default_run
+    assert _health_events(workdir) == []
+    summary = json.loads((workdir / "health.json").read_text())
+    assert summary["verdict"] == "healthy" and summary["updates"] == 200
+    assert (workdir / "health.png").read_bytes().startswith(testutil.PNG_MAGIC)
+    assert "health | healthy | updates: 200" in stderr
+    train = [r for r in metrics.read_records(str(workdir)) if "loss" in r]
+    for key in ("grad_norm", "param_norm", "update_ratio", "loss_max", "skipped_updates"):
+        assert all(key in r for r in train), key  # Today's keys stay, the health ones join.
+    assert all(r["loss_max"] >= r["loss"] and r["skipped_updates"] == 0 for r in train)
+
+
+@pytest.mark.slow
+def test_tensorboard_has_train_and_eval_runs_and_every_warmup_lr(default_run):
+    workdir, _ = default_run
+    runs = {}
+    for run in ("", "train", "eval"):
+        for path in glob.glob(str(workdir / "tensorboard" / run / "events.out.tfevents.*")):
+            for event in tf.compat.v1.train.summary_iterator(path):
+                for value in event.summary.value:
+                    runs.setdefault(run, {}).setdefault(value.tag, []).append(event.step)
+    assert {"metrics/loss", "metrics/accuracy", "lr/learning_rate", "health/grad_norm"} <= set(
+        runs["train"]
+    )
+    assert {"metrics/loss", "metrics/accuracy"} == set(runs["eval"])  # Same tags: they overlay.
+    assert runs["eval"]["metrics/loss"] == [100, 200]
+    assert runs["train"]["lr/learning_rate"] == list(range(1, 201))  # Warmup (50) included.
+    assert runs["train"]["metrics/loss"] == list(range(1, 201))
+    assert runs[""]["lr/learning_rate"][:50] == list(range(1, 51))  # The plan, under that tag.
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("lr_base", "kinds", "advice"),
+    [
+        (10.0, {"explode", "oscillate"}, "lower lr.base"),  # 50x the default 0.2.
+        (0.0002, {"stall"}, "raise lr.base"),  # 1000x below it.
+    ],
+    ids=["50x_too_high", "1000x_too_low"],
+)
+def test_a_wrong_lr_is_reported_with_advice(tmp_path, data_dir, lr_base, kinds, advice):
+    result = testutil.run_main(tmp_path, *SHORT, f"--config.lr.base={lr_base}", data_dir=data_dir)
+    events = _health_events(tmp_path)
+    assert events and {e["health"] for e in events} <= kinds | {"stall"}, events
+    first = events[0]
+    assert first["health"] in kinds and advice in first["message"], first
+    assert f"health | step: {first['step']} | {first['health']}" in result.stderr
+    assert "lr=" in first["message"] and ("warmup" in first["message"] or "%" in first["message"])
+
+
+SKIP = (
+    *SHORT,
+    "--config.total_steps=100",  # Later flags win: a shorter run than SHORT's.
+    "--config.health.action=skip",
+    "--config.steps_per_loop=5",
+    "--config.log_every_steps=5",
+)
+SPIKE_AT = 90  # After the guard's 64 updates of history.
+TWO = ("--config.distribution.strategy=mirrored", "--config.distribution.cpu_replicas=2")
+
+
+def _check_skipped(workdir):
+    steps = metrics.read_steps(str(workdir))
+    at = SPIKE_AT - 1
+    assert steps["skipped"].tolist() == [float(i == at) for i in range(len(steps["step"]))]
+    assert steps["update_norm"][at] == 0.0 and steps["loss"][at] > 10 * steps["loss"][at - 1]
+    assert (steps["update_norm"][at + 1 :] > 0).all()
+    (event,) = [e for e in _health_events(workdir) if e["step"] == SPIKE_AT]
+    assert event["health"] == "spike" and "(update skipped)" in event["message"]
+    assert testutil.logged(workdir, "skipped_updates")[-1] == (100, 1)
+
+
+@pytest.fixture(scope="module")
+def skipped_straight(tmp_path_factory, data_dir):
+    workdir = tmp_path_factory.mktemp("skip_straight")
+    _finish(_run_spiked(workdir, *SKIP, *TWO, data_dir=data_dir, update=SPIKE_AT))
+    return workdir
+
+
+@pytest.mark.slow
+def test_skip_drops_an_injected_spike_on_1_replica(tmp_path, data_dir):
+    _finish(_run_spiked(tmp_path, *SKIP, data_dir=data_dir, update=SPIKE_AT))
+    _check_skipped(tmp_path)
+
+
+@pytest.mark.slow
+def test_skip_on_2_replicas_and_a_sigterm_after_it_resumes_bitwise(
+    skipped_straight, tmp_path, data_dir
+):
+    _check_skipped(skipped_straight)
+    process = _run_spiked(tmp_path, *SKIP, *TWO, data_dir=data_dir, update=SPIKE_AT)
+    testutil.wait_for_step(tmp_path, SPIKE_AT + 5, process)
+    process.send_signal(signal.SIGTERM)
+    _finish(process, expect=preemption.EXIT_CODE_PREEMPTED)
+    _finish(_run_spiked(tmp_path, *SKIP, *TWO, data_dir=data_dir, update=SPIKE_AT))
+    testutil.assert_bitwise_equal(skipped_straight, tmp_path, 100, has_dropout=False)
+    assert metrics.read_steps(str(tmp_path))["step"].tolist() == list(range(1, 101))
+    _check_skipped(tmp_path)
+
+
+@pytest.mark.slow
+def test_rollback_restores_the_last_checkpoint_and_lowers_the_lr(tmp_path, data_dir):
+    overrides = (
+        *SHORT[:-1],
+        "--config.checkpoint_every_steps=50",
+        "--config.health.action=rollback",
+        "--config.steps_per_loop=10",
+        "--config.log_every_steps=10",
+    )
+    _finish(_run_spiked(tmp_path, *overrides, data_dir=data_dir, update=SPIKE_AT))
+    (event,) = [e for _, e in testutil.logged(tmp_path, "lr_event")]
+    assert f"health rollback: spike at step {SPIKE_AT}" in event
+    assert testutil.logged(tmp_path, "lr_event")[0][0] == 50  # Back at the checkpoint.
+    steps = metrics.read_steps(str(tmp_path))
+    assert steps["step"].tolist() == list(range(1, 121))  # Updates 51-90 redone, once each.
+    reference = testutil.config_with(total_steps=120, **{"model.name": "mlp"})
+    plan = plan_lib.make_plan(reference, num_replicas=1, num_workers=1, train_examples=12000)
+    planned = learning_rate.planned_curve(plan, reference.lr)
+    np.testing.assert_allclose(steps["learning_rate"][:50], planned[:50], rtol=1e-5)
+    np.testing.assert_allclose(steps["learning_rate"][50:], 0.5 * np.array(planned[50:]), rtol=1e-5)
+
+
+def test_cli_renders_the_report_and_refuses_an_empty_workdir(tmp_path, capsys):
+    from trainer.health import __main__ as cli_main
+
+    history = CASES[0][1]
+    with open(tmp_path / "health_steps.jsonl", "w") as f:
+        for i in range(N):
+            f.write(json.dumps({k: float(v[i]) for k, v in history.items()}) + "\n")
+    png = tmp_path / "elsewhere.png"
+    testutil.run_cli_in_process(cli_main.main, f"--workdir={tmp_path}", f"--png={png}")
+    assert json.loads((tmp_path / "health.json").read_text())["verdict"] == "healthy"
+    assert png.read_bytes().startswith(testutil.PNG_MAGIC)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(UserError, match="holds no run"):
+        testutil.run_cli_in_process(cli_main.main, f"--workdir={empty}")

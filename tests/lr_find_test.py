@@ -1,12 +1,14 @@
 """The LR range test: an exponential sweep of applied LRs, a suggestion, only its own files."""
 
 import json
+import logging
 import os
-import subprocess
 
 import numpy as np
 import pytest
 import testutil
+from absl import flags
+from absl import logging as absl_logging
 
 from trainer import lr_find
 
@@ -49,26 +51,48 @@ def test_bad_sweeps_are_rejected(min_lr, max_lr, steps, message, tmp_path):
         )
 
 
-@pytest.mark.slow
-def test_command_sweeps_the_applied_lr_and_leaves_the_run_alone(tmp_path, data_dir):
+def _run_lr_find_in_process(*argv: str) -> None:
+    """`python -m trainer.lr_find ARGV` in this process: the same flag parsing and `main`.
+
+    ml_collections defines a flag per `--config.FIELD` override it parses, and defining one twice
+    in a process is an error, so those are dropped before and after (other tests parse too).
+    """
+
+    def drop_config_overrides() -> None:
+        for name in [name for name in flags.FLAGS if name.startswith("config.")]:
+            delattr(flags.FLAGS, name)
+
+    def main(args: list[str]) -> None:
+        absl_logging.set_verbosity(absl_logging.INFO)  # As under `cli.run`; parsing reset it.
+        lr_find.main(args)
+
+    drop_config_overrides()
+    try:
+        testutil.run_cli_in_process(main, *argv)
+    finally:
+        drop_config_overrides()
+
+
+def test_command_sweeps_the_applied_lr_and_leaves_the_run_alone(tmp_path, data_dir, caplog):
+    """The command's own `main`, in-process (a fresh process only adds TF's start-up here)."""
     checkpoints = tmp_path / "checkpoints"
     checkpoints.mkdir()
     (checkpoints / "sentinel").write_text("a run's checkpoint")
-    command = testutil.main_command(
+    argv = testutil.main_flags(
         tmp_path,
         "--config.model.name=mlp",
         "--config.model.width=8",
+        # Op determinism is process-wide and cannot be turned off again; the sweep does not
+        # need it.
+        "--config.deterministic=False",
         "--min_lr=1e-4",
         "--max_lr=10",
         "--num_steps=40",
         data_dir=data_dir,
-        module="trainer.lr_find",
     )
-    result = subprocess.run(
-        command, cwd=testutil.REPO, env=testutil.ENV, capture_output=True, text=True, check=False
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "suggested lr.base" in result.stderr
+    with caplog.at_level(logging.INFO, logger="absl"):
+        _run_lr_find_in_process(*argv)
+    assert "suggested lr.base" in caplog.text
 
     found = json.loads((tmp_path / "lr_find" / "lr_find.json").read_text())
     rates = np.array(found["learning_rates"])

@@ -285,11 +285,31 @@ def test_cli_plans_for_another_topology(tmp_path, capsys):
 
 
 def test_cli_reads_train_examples_from_the_dataset(tmp_path, data_dir, capsys):
+    """No --train_examples: the size comes from the prepared dataset's metadata, for the split
+    the config trains on. Training on the test split (2,000), not the default train split
+    (12,000), so a CLI that ignored the dataset or its split would print another steps/epoch."""
+    from absl import flags  # Here, for the cleanup below.
+
+    def drop_config_overrides() -> None:
+        """ml_collections defines a flag per `--config.FIELD` it parses; a second definition in
+        this process (another test parsing the same override) would be an error."""
+        for name in [name for name in flags.FLAGS if name.startswith("config.")]:
+            delattr(flags.FLAGS, name)
+
     png = tmp_path / "lr.png"
-    out = _run_cli(capsys, f"--config.dataset.data_dir={data_dir}", f"--plot={png}")
+    drop_config_overrides()
+    try:
+        out = _run_cli(
+            capsys,
+            f"--config.dataset.data_dir={data_dir}",
+            "--config.dataset.train_split=test",
+            f"--plot={png}",
+        )
+    finally:
+        drop_config_overrides()
     (summary,) = [line for line in out.splitlines() if line.startswith("plan | ")]
     assert "replicas: 1" in summary and "per-replica batch: 128" in summary
-    # No --train_examples: the 12,000 come from the prepared dataset's metadata.
-    assert shapes.SPLITS["train"][0] == 12_000
-    assert "steps/epoch: 93.75" in summary
+    train_examples = shapes.SPLITS["test"][0]
+    assert train_examples != shapes.SPLITS["train"][0]
+    assert f"steps/epoch: {train_examples / 128:.2f} " in summary  # 15.62, not 93.75.
     assert png.read_bytes().startswith(PNG_MAGIC)

@@ -1,4 +1,9 @@
-"""End to end: `python -m trainer.main` in fresh processes, as a user runs it."""
+"""End to end: `python -m trainer.main` as a user runs it.
+
+Fresh processes (marked slow) for what only a process shows: one run per strategy, each with TF's
+own cross-device ops, resuming by rerunning, and how a bad input ends (stderr, exit code). The
+same entry point in-process (fast) for a short run and for each kind of bad input.
+"""
 
 import json
 import math
@@ -8,10 +13,11 @@ import shutil
 import numpy as np
 import pytest
 import testutil
+from absl import flags as absl_flags
 
+from trainer import main as main_lib
 from trainer import metrics
-
-pytestmark = pytest.mark.slow
+from trainer.errors import UserError
 
 TOTAL_STEPS = 60
 WARMUP_STEPS = 20
@@ -69,6 +75,7 @@ def eval_records(workdir) -> list[dict]:
     return [r for r in metrics.read_records(workdir) if "eval_accuracy" in r]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(STRATEGIES))
 def test_run_leaves_its_files(runs, name):
     workdir, result = runs[name]
@@ -87,6 +94,7 @@ def test_run_leaves_its_files(runs, name):
     assert "steps/sec:" in result.stderr and "eta:" in result.stderr
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(STRATEGIES))
 def test_logged_lr_is_the_scaled_warmed_up_schedule_and_loss_falls(runs, name):
     workdir, _ = runs[name]
@@ -102,6 +110,7 @@ def test_logged_lr_is_the_scaled_warmed_up_schedule_and_loss_falls(runs, name):
     assert evals[-1]["eval_accuracy"] > 0.13
 
 
+@pytest.mark.slow
 def test_same_global_batch_agrees_across_1_2_4_replicas(runs):
     reference = train_records(runs["default"][0])
     for name in ("mirrored2", "mirrored4"):
@@ -112,6 +121,7 @@ def test_same_global_batch_agrees_across_1_2_4_replicas(runs):
         )
 
 
+@pytest.mark.slow
 def test_rerun_resumes_at_the_saved_step(runs, data_dir, tmp_path):
     workdir = tmp_path / "copy"  # A copy: the other tests read the shared run as it was left.
     shutil.copytree(runs["mirrored2"][0], workdir)
@@ -122,38 +132,121 @@ def test_rerun_resumes_at_the_saved_step(runs, data_dir, tmp_path):
     assert steps == list(range(10, 81, 10))  # Continues; no second step 10.
 
 
-@pytest.mark.parametrize(
-    ("flags", "message"),
-    [
-        (
-            ("--config.global_batch_size=250", "--config.distribution.cpu_replicas=4"),
-            "global_batch_size (250) is not divisible by the 4 replicas; use a multiple of 4",
-        ),
-        (("--config.lr.scaling=cubic",), "lr.scaling ('cubic') is not one of linear, sqrt, none"),
-        (("--config.lr.warmup_steps=700",), "lr.warmup_steps (700) must be smaller than"),
-        (("--config.dataset.name=mnist",), "trainer.datasets.build --dataset=mnist"),
-        (("--config.distribution.strategy=tpu",), "no TPU is reachable"),
-        (
-            ("--config.dataset.name=tfscale_shapes_variable",),
-            "variable size (None, None, 3); set --config.dataset.image_size",
-        ),
-        (
-            ("--config.dataset.augment=inception_crop",),
-            "dataset.augment='inception_crop' resizes its crops to dataset.image_size",
-        ),
-    ],
-)
-def test_bad_input_is_one_actionable_line(tmp_path, flags, message):
-    result = testutil.run_main(tmp_path / "run", *flags, data_dir=str(tmp_path), check=False)
+# For runs in the test process: op determinism is process-wide and cannot be turned off again, and
+# with it on, unseeded random ops in later tests fail. The slow runs use the default (on, on CPU).
+NOT_DETERMINISTIC = "--config.deterministic=False"
+
+
+def _run_main_in_process(*argv: str) -> None:
+    """`python -m trainer.main ARGV` in this process: the same flag parsing and `main`.
+
+    ml_collections defines a flag per `--config.FIELD` override it parses, and defining one twice
+    in a process is an error, so those are dropped before and after (other tests parse too).
+    """
+
+    def drop_config_overrides() -> None:
+        for name in [name for name in absl_flags.FLAGS if name.startswith("config.")]:
+            delattr(absl_flags.FLAGS, name)
+
+    drop_config_overrides()
+    try:
+        testutil.run_cli_in_process(main_lib.main, *argv)
+    finally:
+        drop_config_overrides()
+
+
+def test_main_in_process_trains_logs_evaluates_and_checkpoints(tmp_path, data_dir):
+    """The entry point, in-process, for 6 steps: what the slow runs check, at a smaller scale."""
+    total, warmup, peak = 6, 2, 0.05 * 128 / 256
+    _run_main_in_process(
+        *testutil.main_flags(
+            tmp_path,
+            f"--config.total_steps={total}",
+            f"--config.lr.warmup_steps={warmup}",
+            "--config.lr.base=0.05",
+            "--config.steps_per_loop=3",
+            "--config.log_every_steps=3",
+            "--config.eval_every_steps=6",
+            "--config.checkpoint_every_steps=6",
+            "--config.model.name=mlp",
+            "--config.model.width=8",
+            "--config.distribution.strategy=default",
+            NOT_DETERMINISTIC,
+            data_dir=data_dir,
+        )
+    )
+    assert {"checkpoints", "metrics.jsonl", "tensorboard", "config.json"} <= set(
+        os.listdir(tmp_path)
+    )
+    checkpoint_files = os.listdir(tmp_path / "checkpoints")
+    assert f"ckpt-{total}.index" in checkpoint_files
+    assert f"ckpt-{total}.manifest.json" in checkpoint_files
+    assert json.loads((tmp_path / "config.json").read_text())["total_steps"] == total
+    records = train_records(tmp_path)
+    assert [r["step"] for r in records] == [3, 6]
+    # Update 3 is past the 2-step warmup: cosine from update 2 to 6, by hand.
+    expected = {3: peak * 0.5 * (1 + math.cos(math.pi * 1 / 4)), 6: 0.0}
+    for record in records:
+        assert record["learning_rate"] == pytest.approx(expected[record["step"]], abs=1e-7)
+        assert record["examples_seen"] == record["step"] * 128
+        assert np.isfinite(record["loss"])
+    assert [r["step"] for r in eval_records(tmp_path)] == [total]
+
+
+# (flags, fragment of the one-line message). Each is checked in-process below, through
+# `trainer.main`'s flag parsing and `main`; the first also in a fresh process, for how the CLI ends.
+BAD_INPUTS = [
+    (
+        ("--config.global_batch_size=250", "--config.distribution.cpu_replicas=4"),
+        "global_batch_size (250) is not divisible by the 4 replicas; use a multiple of 4",
+    ),
+    (("--config.lr.scaling=cubic",), "lr.scaling ('cubic') is not one of linear, sqrt, none"),
+    (("--config.lr.warmup_steps=700",), "lr.warmup_steps (700) must be smaller than"),
+    (("--config.dataset.name=mnist",), "trainer.datasets.build --dataset=mnist"),
+    (("--config.distribution.strategy=tpu",), "no TPU is reachable"),
+    (
+        ("--config.dataset.name=tfscale_shapes_variable",),
+        "variable size (None, None, 3); set --config.dataset.image_size",
+    ),
+    (
+        ("--config.dataset.augment=inception_crop",),
+        "dataset.augment='inception_crop' resizes its crops to dataset.image_size",
+    ),
+]
+
+
+@pytest.mark.slow
+def test_bad_input_ends_the_command_with_one_actionable_line(tmp_path, data_dir):
+    """How every user error ends the command line: one `error:` line, no traceback, exit 1,
+    nothing written. The other bad inputs take the same path (a UserError out of set-up)."""
+    flags, message = BAD_INPUTS[0]
+    result = testutil.run_main(tmp_path / "run", *flags, data_dir=data_dir, check=False)
     assert result.returncode == 1
     last_line = result.stderr.strip().splitlines()[-1]
     assert last_line.startswith("error: ") and message in last_line
     assert "Traceback" not in result.stderr
-    assert not (tmp_path / "run" / "checkpoints").exists()  # Nothing was written.
+    assert not (tmp_path / "run").exists()  # Nothing was written.
+
+
+@pytest.mark.parametrize(("flags", "message"), BAD_INPUTS)
+def test_bad_input_is_one_actionable_line(tmp_path, data_dir, flags, message):
+    # mnist is not prepared in an empty data_dir; the others read the session's shapes datasets.
+    data = str(tmp_path) if "--config.dataset.name=mnist" in flags else data_dir
+    # Op determinism is process-wide (see above); every case fails before it would matter.
+    argv = testutil.main_flags(tmp_path / "run", *flags, NOT_DETERMINISTIC, data_dir=data)
+    with pytest.raises(UserError) as error:  # The CLI prints a UserError as `error: MESSAGE`.
+        _run_main_in_process(*argv)
+    assert message in str(error.value)
+    assert "\n" not in str(error.value)  # One line.
+    assert not (tmp_path / "run").exists()  # Nothing was written.
 
 
 def test_a_misspelled_config_field_fails(tmp_path, data_dir):
-    result = testutil.run_main(tmp_path, "--config.lr.bsae=0.1", data_dir=data_dir, check=False)
-    assert result.returncode == 1
-    assert result.stderr.strip().splitlines()[-1].startswith("error: no such config field 'bsae'")
-    assert "Traceback" not in result.stderr
+    with pytest.raises(SystemExit) as exit_info:
+        _run_main_in_process(
+            *testutil.main_flags(tmp_path, "--config.lr.bsae=0.1", data_dir=data_dir)
+        )
+    message = exit_info.value.code
+    assert isinstance(message, str)  # sys.exit(str): printed to stderr, exit code 1.
+    assert message.startswith("error: no such config field 'bsae'") and "\n" not in message
+    assert list(tmp_path.iterdir()) == []  # Nothing was written.

@@ -24,9 +24,9 @@ import random
 import sys
 from collections.abc import Callable, Iterator
 
-from trainer import cli
+if __name__ == "__main__":  # Only as a tool: the trainer imports this module as a library.
+    from trainer import cli
 
-if __name__ == "__main__":
     cli.start_tensorflow(sys.argv)  # TensorFlow's start-up chatter hidden (cli.py).
 
 import keras  # noqa: E402
@@ -237,7 +237,7 @@ def export_run(workdir: str, step: int | None = None) -> str:
 
 def main(argv: list[str]) -> None:
     del argv
-    directory = export_run(cli.WORKDIR.value, flags.FLAGS.step)
+    directory = export_run(flags.FLAGS.workdir, flags.FLAGS.step)
     info = read_info(directory)
     logging.info(
         "export | step: %d | wrote %s | %s | model.keras",

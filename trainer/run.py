@@ -210,7 +210,7 @@ class Run:
             config.max_rollbacks,
         )
         self._restore_newest()
-        reason = f"health rollback: {event.kind} at step {event.step}"
+        reason = f"health rollback: {event.kind} at step {event.step}: {event.message}"
         return self.controller.scale(config.rollback_lr_factor, self.step, reason)
 
     def _restore_newest(self) -> None:

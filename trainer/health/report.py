@@ -14,6 +14,7 @@ import tensorflow as tf
 from absl import logging
 
 from trainer import health, metrics
+from trainer.errors import UserError
 
 REPORT_FILE = "health.json"
 PLOT_FILE = "health.png"
@@ -27,7 +28,19 @@ _COLORS = {
 
 
 def summarize(workdir: str) -> dict:
-    """The report: verdict, updates seen, skipped updates, last loss and LR, every event."""
+    """The report: verdict, updates seen, skipped updates, last loss and LR, every event.
+
+    Raises:
+      UserError: `workdir` holds no run (neither health_steps.jsonl nor metrics.jsonl).
+    """
+    if not any(
+        tf.io.gfile.exists(os.path.join(workdir, name))
+        for name in (metrics.STEPS_FILE, metrics.METRICS_FILE)
+    ):
+        raise UserError(
+            f"{workdir} holds no run: no {metrics.STEPS_FILE} or {metrics.METRICS_FILE}; pass "
+            "the --workdir a trainer wrote to"
+        )
     steps = metrics.read_steps(workdir)
     records = metrics.read_records(workdir) if tf.io.gfile.exists(_path(workdir)) else []
     events = [
@@ -87,7 +100,7 @@ def plot(workdir: str, summary: dict, path: str) -> None:
     lr_axes.plot(steps["step"], steps["learning_rate"], lw=1.2, label="applied LR")
     plan_steps, plan_lr = planned_lr(workdir)
     if len(plan_steps):
-        lr_axes.plot(plan_steps, plan_lr, "--", color="gray", lw=1, label="planned LR")
+        lr_axes.plot(plan_steps, plan_lr, "--", color="black", lw=1, zorder=3, label="planned LR")
     lr_axes.set_ylabel("learning rate")
     lr_axes.set_xlabel("update")
     seen = set()
