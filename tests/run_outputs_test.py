@@ -7,7 +7,6 @@ call the library (issue #12's integration lines in train.py / run.py); until the
 
 import inspect
 import json
-import logging
 import os
 import shutil
 
@@ -15,6 +14,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 import testutil
+from absl import logging as absl_logging
 
 from trainer import checkpointing, export, init_checkpoint, metrics, train
 from trainer import run as run_lib
@@ -85,10 +85,18 @@ def test_keeping_the_best_does_not_change_the_run(tmp_path, data_dir, monkeypatc
     testutil.assert_bitwise_equal(tmp_path / "plain", tmp_path / "best", 30, has_dropout=False)
 
 
+@pytest.fixture
+def absl_info():
+    """INFO through absl's verbosity, as under cli.run: TF's SavedModel writer saves and restores
+    the verbosity, which would undo a level set on the absl logger alone."""
+    absl_logging.set_verbosity(absl_logging.INFO)
+    yield
+    absl_logging.set_verbosity(absl_logging.WARNING)  # The default outside a command line.
+
+
 def test_fine_tuning_loads_once_and_a_resume_never_reads_the_source_again(
-    tmp_path, data_dir, caplog
+    tmp_path, data_dir, caplog, absl_info
 ):
-    caplog.set_level(logging.INFO)
     source = tmp_path / "pretrained"
     train.train_and_evaluate(_config(data_dir, total_steps=10), str(source))
     source_prefix, source_manifest = checkpointing.find_checkpoint(str(source))

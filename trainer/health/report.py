@@ -12,6 +12,7 @@ import os
 import numpy as np
 import tensorflow as tf
 from absl import logging
+from tensorflow.core.util import event_pb2
 
 from trainer import health, metrics
 from trainer.errors import UserError
@@ -77,7 +78,10 @@ def planned_lr(workdir: str) -> tuple[np.ndarray, np.ndarray]:
     """(updates, LR) of the planned curve the run wrote to TensorBoard's top-level run."""
     points = {}
     for path in glob.glob(os.path.join(workdir, "tensorboard", "events.out.tfevents.*")):
-        for event in tf.compat.v1.train.summary_iterator(path):
+        # TFRecordDataset + Event.FromString: `tf.compat.v1.train.summary_iterator` prints an
+        # eight-line deprecation notice at the end of every run.
+        for record in tf.data.TFRecordDataset(path):
+            event = event_pb2.Event.FromString(record.numpy())
             for value in event.summary.value:
                 if value.tag == metrics.TAGS["learning_rate"][0]:
                     points[event.step] = float(tf.make_ndarray(value.tensor))
