@@ -10,6 +10,7 @@ import tensorflow as tf
 
 from configs import default as default_config
 from trainer import distribute
+from trainer.errors import UserError
 
 
 def _distribution(strategy: str, cpu_replicas: int = 0, tpu: str = ""):
@@ -87,8 +88,11 @@ def test_tpu_without_tpu_fails_fast_and_never_falls_back_to_cpu(tpu, shown):
     with pytest.raises(distribute.StrategyError) as error:  # Not a CPU strategy.
         distribute.create_strategy(_distribution("tpu", tpu=tpu))
     assert time.monotonic() - start < 30
+    # A UserError: the command line prints it as one `error:` line and exits 1 (train_test.py).
+    assert isinstance(error.value, UserError)
     message = str(error.value)
-    assert f"distribution.tpu='{shown}'" in message
+    assert "\n" not in message
+    assert f"no TPU is reachable at distribution.tpu='{shown}'" in message
     assert "--config.distribution.tpu=NAME" in message
     assert "strategy=auto" in message
 

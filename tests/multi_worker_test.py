@@ -88,6 +88,9 @@ def test_two_workers_train_as_one_job(straight, mirrored):
     assert sorted(os.listdir(workdir)) == [
         "checkpoints",
         "config.json",
+        "health.json",
+        "health.png",
+        "health_steps.jsonl",
         "metrics.jsonl",
         "tensorboard",
     ]
