@@ -45,6 +45,13 @@ def get_config() -> ml_collections.ConfigDict:
     config.init_checkpoint_include = ()  # Layer-name patterns to load (fnmatch); () = all.
     config.init_checkpoint_exclude = ()  # Layer-name patterns left fresh, e.g. ("dense_1",).
 
+    # auto | float32 | mixed_bfloat16. auto: mixed_bfloat16 where the hardware multiplies bfloat16
+    # natively (TPU, NVIDIA compute capability >= 8.0, CPUs with AMX-BF16), else float32.
+    # mixed_float16 (it needs loss scaling) is not supported yet.
+    config.precision = "auto"
+    # XLA-compile each replica's forward and backward pass (loop.py says why not the update).
+    config.jit_compile = False
+
     config.distribution = ml_collections.ConfigDict()
     # auto | default | one_device | mirrored | multi_worker | tpu. auto = mirrored over all local
     # GPUs if any (or over cpu_replicas logical CPUs when > 1), else the default strategy.
@@ -53,6 +60,10 @@ def get_config() -> ml_collections.ConfigDict:
     # the stand-in strategy the tests use. 0 = leave the CPU as one device.
     config.distribution.cpu_replicas = 0
     config.distribution.tpu = ""  # TPU name or grpc address; "" = the TPU VM this runs on.
+    # auto | cpu. auto: use the accelerators TensorFlow sees, and refuse to start on a host whose
+    # GPU or TPU it cannot see (the wrong install; the error names the right one). cpu: train on
+    # the CPU on purpose (GPUs hidden from TensorFlow).
+    config.distribution.devices = "auto"
 
     config.dataset = ml_collections.ConfigDict()
     # A TFDS name. tfscale_shapes (32x32, in memory) and tfscale_shapes_variable (32..96 px, read

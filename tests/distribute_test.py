@@ -1,5 +1,6 @@
 """Tests for trainer/distribute.py: strategies by name, topology facts, errors that say the fix."""
 
+import functools
 import json
 import os
 import time
@@ -9,7 +10,7 @@ import pytest
 import tensorflow as tf
 
 from configs import default as default_config
-from trainer import distribute
+from trainer import distribute, hardware
 from trainer.errors import UserError
 
 
@@ -48,6 +49,7 @@ def test_create_strategy_and_topology(name, cpu_replicas, strategy_type, replica
     if strategy_type is tf.distribute.MirroredStrategy:
         devices = sorted(d.split("/")[-1].upper() for d in strategy.extended.worker_devices)
         assert devices == [f"DEVICE:CPU:{i}" for i in range(replicas)]
+    assert distribute.describe_devices(strategy) == f"{replicas} x CPU"
 
     topology = distribute.topology(strategy, name)
     assert topology == distribute.Topology(
@@ -136,6 +138,8 @@ def cluster_environment(monkeypatch, tmp_path):
         (tmp_path / tool).write_text(f'#!/bin/sh\necho "$@" >> {tmp_path}/called-{tool}\nexit 1\n')
         (tmp_path / tool).chmod(0o755)
     monkeypatch.setenv("PATH", f"{tmp_path}{os.pathsep}{os.environ['PATH']}")
+    # The stand-in nvidia-smi is there to catch a call, not to make this a GPU host.
+    monkeypatch.setattr(hardware, "probe", functools.partial(hardware.probe, which=lambda _: None))
 
     def set_variables(**variables):
         for name, value in variables.items():

@@ -30,6 +30,7 @@ def _build(
     clip: float = 0.0,
     momentum: float = 0.0,
     guard: loop.SpikeGuard | None = None,
+    jit_compile: bool = False,
 ):
     """A linear classifier trained by plain SGD under a controlled warmup schedule."""
     keras.utils.set_random_seed(0)
@@ -55,6 +56,7 @@ def _build(
         global_batch_size=GLOBAL_BATCH,
         grad_clip_norm=clip,
         guard=guard,
+        jit_compile=jit_compile,
     )
     return model, optimizer, schedule.state, schedule, train_loop
 
@@ -247,3 +249,22 @@ def test_skip_drops_a_spiking_update_and_only_advances_the_step(num_replicas):
     signals = _signals(train_loop(iterator, tf.constant(2)))
     assert signals["skipped"].tolist() == [0.0, 0.0]
     assert (signals["update_norm"] > 0).all()
+
+
+@pytest.mark.parametrize("num_replicas", [1, 2])
+def test_jit_compile_trains_like_the_graph(num_replicas):
+    """XLA fuses and reorders float ops, so equal within float32 round-off, not bitwise."""
+    runs = {}
+    for jit_compile in (False, True):
+        strategy = testutil.mirrored(num_replicas)
+        model, _, _, _, train_loop = _build(
+            strategy, zero_init=False, momentum=0.9, jit_compile=jit_compile
+        )
+        signals = _signals(train_loop(_iterator(strategy, _split()), tf.constant(6)))
+        runs[jit_compile] = (signals, [w.numpy() for w in model.trainable_variables])
+    (graph, graph_weights), (xla, xla_weights) = runs[False], runs[True]
+    for name in ("loss", "grad_norm", "update_norm"):
+        np.testing.assert_allclose(xla[name], graph[name], rtol=1e-5, err_msg=name)
+    np.testing.assert_array_equal(xla["learning_rate"], graph["learning_rate"])
+    for a, b in zip(xla_weights, graph_weights, strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)

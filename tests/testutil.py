@@ -17,10 +17,18 @@ ENV = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}  # For the subprocesses: TF's 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
+# What the tests run in unless they say otherwise: `precision=auto` would pick mixed_bfloat16 on
+# CPUs with AMX-BF16 (this project's CI machine has it) and float32 elsewhere, and the tests'
+# tolerances (replica equivalences, hand-computed updates) are for float32 on every machine.
+# precision_test.py runs the mixed policies.
+TEST_PRECISION = "float32"
+
+
 def config_with(**fields) -> ml_collections.ConfigDict:
-    """The default config with `fields` changed; nested fields are given as "lr.base"."""
+    """The default config (in TEST_PRECISION) with `fields` changed; nested fields are given as
+    "lr.base"."""
     config = default_config.get_config()
-    for name, value in fields.items():
+    for name, value in {"precision": TEST_PRECISION, **fields}.items():
         *parents, leaf = name.split(".")
         node = config
         for parent in parents:
@@ -65,11 +73,13 @@ def distributed_steps(strategy, dataset_fn, steps):
 def main_flags(
     workdir, *overrides: str, data_dir: str, config: str = "configs/default.py"
 ) -> list[str]:
-    """The flags of a trainer command: config, workdir, data_dir, then `overrides`."""
+    """The flags of a trainer command: config, workdir, data_dir, TEST_PRECISION, then
+    `overrides`."""
     return [
         f"--config={config}",
         f"--workdir={workdir}",
         f"--config.dataset.data_dir={data_dir}",
+        f"--config.precision={TEST_PRECISION}",
         *overrides,
     ]
 

@@ -7,6 +7,7 @@ import os
 import ml_collections
 import tensorflow as tf
 
+from trainer import hardware as hardware_lib
 from trainer.errors import ConfigError, UserError
 
 
@@ -15,6 +16,7 @@ class StrategyError(UserError):
 
 
 STRATEGIES = ("auto", "default", "one_device", "mirrored", "multi_worker", "tpu")
+DEVICES = ("auto", "cpu")  # distribution.devices: cpu = train on the CPU on purpose.
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,7 +68,9 @@ def _tpu_strategy(tpu: str) -> tf.distribute.Strategy:
         raise StrategyError(
             f"distribution.strategy='tpu' but no TPU is reachable at distribution.tpu="
             f"'{tpu or 'local'}' ({type(error).__name__}: {str(error).splitlines()[0]}); run on "
-            "a Cloud TPU VM, set --config.distribution.tpu=NAME, or use strategy=auto for CPU/GPU"
+            "a Cloud TPU VM with the TPU build installed "
+            f"({hardware_lib.TPU_INSTALL}), set --config.distribution.tpu=NAME, or use "
+            "strategy=auto for CPU/GPU"
         ) from error
     return tf.distribute.TPUStrategy(resolver)
 
@@ -159,22 +163,66 @@ def _multi_worker_strategy() -> tf.distribute.Strategy:
     )
 
 
-def create_strategy(distribution: ml_collections.ConfigDict) -> tf.distribute.Strategy:
-    """Returns the strategy named by `distribution.strategy` (see configs/default.py)."""
+def _refuse_silent_cpu_run(
+    name: str, hardware: hardware_lib.Hardware, gpus: list[tf.config.PhysicalDevice]
+) -> None:
+    """Fails if this host has an accelerator the chosen strategy would leave idle.
+
+    A run that trains on the CPU of a GPU box or a TPU VM wastes the job and says nothing; the
+    usual cause is the wrong TensorFlow build, so the message names the install that fixes it.
+    """
+    on_purpose = "or --config.distribution.devices=cpu to train on the CPU on purpose"
+    if hardware.is_tpu_vm and name not in ("auto", "tpu"):
+        raise StrategyError(
+            f"this host is a Cloud TPU VM ({hardware.describe()}) but distribution.strategy="
+            f"{name!r} would train on its CPU; use strategy=auto or tpu, {on_purpose}"
+        )
+    if hardware.has_nvidia_gpu and not gpus and not hardware.is_tpu_vm:
+        raise StrategyError(
+            f"this host has NVIDIA GPUs ({hardware.describe()}) but TensorFlow sees none, so the "
+            f"run would train on the CPU; install the CUDA build ({hardware_lib.GPU_INSTALL}) "
+            f"and check that nvidia-smi works, {on_purpose}"
+        )
+
+
+def create_strategy(
+    distribution: ml_collections.ConfigDict, hardware: hardware_lib.Hardware | None = None
+) -> tf.distribute.Strategy:
+    """Returns the strategy named by `distribution.strategy` (see configs/default.py).
+
+    `hardware` is the host probe (`hardware.probe()` when None): `auto` picks the TPU on a TPU VM,
+    and no strategy trains on the CPU of a host whose accelerator TensorFlow cannot see unless
+    `distribution.devices` is `cpu`.
+    """
     name = distribution.strategy
     if name not in STRATEGIES:
         raise ConfigError(f"distribution.strategy ({name!r}) is not one of {', '.join(STRATEGIES)}")
+    if distribution.devices not in DEVICES:
+        raise ConfigError(
+            f"distribution.devices ({distribution.devices!r}) is not one of {', '.join(DEVICES)}"
+        )
+    if distribution.devices == "cpu" and name == "tpu":
+        raise ConfigError("distribution.devices='cpu' contradicts distribution.strategy='tpu'")
     cpu_replicas = distribution.cpu_replicas
     if cpu_replicas < 0:
         raise ConfigError(
             f"distribution.cpu_replicas ({cpu_replicas}) must be >= 0; 0 leaves the CPU whole"
         )
-    if name == "multi_worker":  # Before anything else: collectives must be set up first.
-        return _multi_worker_strategy()
-    configure_cpu_replicas(cpu_replicas)
     # Physical, not logical: listing logical devices starts the runtime, after which neither
     # logical CPUs nor collectives can be configured.
     gpus = tf.config.list_physical_devices("GPU")
+    if distribution.devices == "cpu":
+        if gpus:
+            tf.config.set_visible_devices([], "GPU")
+        gpus = []
+    else:
+        hardware = hardware or hardware_lib.probe()
+        _refuse_silent_cpu_run(name, hardware, gpus)
+        if name == "auto" and hardware.is_tpu_vm:
+            return _tpu_strategy(distribution.tpu)
+    if name == "multi_worker":  # Before any op runs: collectives must be set up first.
+        return _multi_worker_strategy()
+    configure_cpu_replicas(cpu_replicas)
     if name == "auto":
         if gpus:
             return tf.distribute.MirroredStrategy()
@@ -189,6 +237,27 @@ def create_strategy(distribution: ml_collections.ConfigDict) -> tf.distribute.St
         devices = None if gpus else _cpu_device_names(max(cpu_replicas, 1))
         return tf.distribute.MirroredStrategy(devices)
     return _tpu_strategy(distribution.tpu)
+
+
+def describe_devices(strategy: tf.distribute.Strategy) -> str:
+    """The devices this process trains on, for the start-up summary, e.g. `2 x GPU (NVIDIA A100)`.
+
+    Starts the runtime (it lists logical devices): call it after the strategy is built.
+    """
+    try:
+        names = list(strategy.extended.worker_devices)
+    except RuntimeError:  # The default strategy has none: TF's default device, GPU:0 or the CPU.
+        gpus = tf.config.list_logical_devices("GPU")
+        names = [gpus[0].name if gpus else tf.config.list_logical_devices("CPU")[0].name]
+    kinds = sorted({tf.DeviceSpec.from_string(name).device_type for name in names})
+    description = f"{len(names)} x {'+'.join(kinds)}"
+    if kinds == ["GPU"]:
+        gpu_names = {
+            tf.config.experimental.get_device_details(gpu).get("device_name", "?")
+            for gpu in tf.config.list_physical_devices("GPU")
+        }
+        description += f" ({', '.join(sorted(gpu_names))})"
+    return description
 
 
 def topology(strategy: tf.distribute.Strategy, strategy_name: str) -> Topology:

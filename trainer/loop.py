@@ -96,15 +96,22 @@ def make_train_loop(
     global_batch_size: int,
     grad_clip_norm: float = 0.0,
     guard: SpikeGuard | None = None,
+    jit_compile: bool = False,
 ) -> Callable[[object, tf.Tensor], dict[str, tf.Tensor]]:
     """Returns `train_loop(iterator, num_steps)` -> mean loss/accuracy, the last applied LR and
     `steps`, the `[num_steps, len(SIGNALS)]` per-update signals.
 
     Without a `guard` (e.g. the LR range test) no statistics are kept and nothing is skipped.
+    `jit_compile` XLA-compiles each replica's forward and backward pass. Not the all-reduce and
+    the update: under MirroredStrategy TF cannot compile them (a compiled function around
+    `strategy.run` reads variables across devices; `apply_gradients` inside one needs a
+    cross-replica synchronization point), so they stay in the graph around it.
     """
     variables = model.trainable_variables
 
-    def forward_backward(images: tf.Tensor, labels: tf.Tensor) -> tuple[tf.Tensor, ...]:
+    @tf.function(jit_compile=jit_compile)
+    def local_gradients(images: tf.Tensor, labels: tf.Tensor) -> tuple[tf.Tensor, ...]:
+        """This replica's loss, logits and gradient (its share of the global ones)."""
         with tf.GradientTape() as tape:
             logits = model(images, training=True)
             # Averaged over the *global* batch: replicas' gradients are summed by the all-reduce.
@@ -113,7 +120,10 @@ def make_train_loop(
             )
             if model.losses:
                 loss += tf.nn.scale_regularization_loss(tf.add_n(model.losses))
-        grads = tape.gradient(loss, variables)
+        return loss, logits, tape.gradient(loss, variables)
+
+    def forward_backward(images: tf.Tensor, labels: tf.Tensor) -> tuple[tf.Tensor, ...]:
+        loss, logits, grads = local_gradients(images, labels)
         # The norm of the all-reduced gradient (the global one; per-replica partial gradients
         # have another norm). It costs one all-reduce of the gradient on top of the optimizer's
         # own (Keras reduces inside apply_gradients, with no way to hand it a reduced gradient);

@@ -257,5 +257,6 @@ def build_model(
     features = MODELS[config.name](config, inputs)
     if config.dropout_rate > 0:
         features = ReplicaDropout(config.dropout_rate, seed=seed)(features)
-    logits = keras.layers.Dense(num_classes)(features)
+    # float32 logits under a mixed policy: the loss and its softmax stay in float32.
+    logits = keras.layers.Dense(num_classes, dtype="float32")(features)
     return keras.Model(inputs, logits, name=config.name)

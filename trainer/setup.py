@@ -6,7 +6,7 @@ import ml_collections
 import tensorflow as tf
 from absl import logging
 
-from trainer import data, distribute, learning_rate, preprocessing, sources
+from trainer import data, distribute, hardware, learning_rate, precision, preprocessing, sources
 from trainer import plan as plan_lib
 
 
@@ -17,6 +17,7 @@ class Setup:
     config: ml_collections.ConfigDict
     strategy: tf.distribute.Strategy
     topology: distribute.Topology
+    precision: precision.Precision  # The dtype policy the model is built with.
     plan: plan_lib.Plan
     schedule: learning_rate.WarmupDecaySchedule  # The plan's base LR curve.
     train_split: sources.Split
@@ -66,8 +67,10 @@ def prepare(config: ml_collections.ConfigDict) -> Setup:
     Every user error surfaces here, before anything is written to the workdir.
     """
     # The strategy first: logical CPU devices must be set up before any TF op runs.
-    strategy = distribute.create_strategy(config.distribution)
+    host = hardware.probe()
+    strategy = distribute.create_strategy(config.distribution, host)
     topology = distribute.topology(strategy, config.distribution.strategy)
+    model_precision = precision.resolve(config.precision, strategy, host)
     plan_lib.check_config(config)
     deterministic = _set_determinism(config)
     image_preprocessing = preprocessing.from_config(config.dataset)
@@ -83,6 +86,7 @@ def prepare(config: ml_collections.ConfigDict) -> Setup:
         config=config,
         strategy=strategy,
         topology=topology,
+        precision=model_precision,
         plan=plan,
         schedule=learning_rate.base_schedule(plan, config.lr),
         train_split=train_split,
@@ -93,5 +97,11 @@ def prepare(config: ml_collections.ConfigDict) -> Setup:
     # `input_shape` also fails here, before any file is written, if images need an image_size.
     logging.info(
         "%s | input: %s | deterministic: %s", plan.summary(), setup.input_shape, deterministic
+    )
+    logging.info(
+        "devices: %s | precision: %s (%s)",
+        distribute.describe_devices(strategy),
+        model_precision.policy,
+        model_precision.reason,
     )
     return setup

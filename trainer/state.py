@@ -7,7 +7,7 @@ import keras
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from trainer import checkpointing, learning_rate, loop, models, optimizers
+from trainer import checkpointing, learning_rate, loop, models, optimizers, precision
 from trainer.setup import Setup
 
 
@@ -51,9 +51,10 @@ def build_state(
     # global randomness, so seeding earlier made a first run start from other weights.
     keras.utils.set_random_seed(config.seed)
     with setup.strategy.scope():
-        model = models.build_model(
-            config.model, setup.input_shape, setup.num_classes, seed=config.seed
-        )
+        with precision.policy_scope(setup.precision.policy):
+            model = models.build_model(
+                config.model, setup.input_shape, setup.num_classes, seed=config.seed
+            )
         schedule = learning_rate.controlled_schedule(base_schedule or setup.schedule, config.lr)
         optimizer = optimizers.build_optimizer(
             config.optimizer, schedule, model.trainable_variables

@@ -94,6 +94,7 @@ def _train(run: Run, signals: preemption.SignalWatcher) -> dict[str, float]:
         global_batch_size=plan.global_batch_size,
         grad_clip_norm=config.optimizer.grad_clip_norm,
         guard=state.guard,
+        jit_compile=config.jit_compile,
     )
     eval_loop = loop.make_eval_loop(strategy=setup.strategy, model=state.model)
     train_iterator = setup.train_iterator(run.examples_seen)

@@ -1,0 +1,100 @@
+"""Precision: what `auto` picks on which hardware, and mixed_bfloat16 runs that train like float32
+and resume bitwise after a SIGTERM (on CPU; the hardware is faked for the choice)."""
+
+import signal
+
+import keras
+import numpy as np
+import pytest
+import testutil
+from testutil import assert_bitwise_equal, logged, wait_for_step
+
+from trainer import precision, preemption
+from trainer.errors import ConfigError
+
+AMX = frozenset({"avx512_bf16", "amx_bf16"})
+
+
+@pytest.mark.parametrize(
+    ("requested", "device_kind", "capability", "cpu_flags", "policy", "reason"),
+    [
+        ("auto", "TPU", None, frozenset(), "mixed_bfloat16", "TPU"),
+        ("auto", "GPU", (8, 0), frozenset(), "mixed_bfloat16", "8.0 >= 8.0"),
+        ("auto", "GPU", (9, 0), frozenset(), "mixed_bfloat16", "9.0 >= 8.0"),
+        ("auto", "GPU", (7, 5), AMX, "float32", "7.5 < 8.0"),  # The GPU decides, not the CPU.
+        ("auto", "CPU", None, AMX, "mixed_bfloat16", "AMX-BF16"),
+        ("auto", "CPU", None, frozenset({"avx512_bf16"}), "float32", "no bfloat16 matrix units"),
+        ("float32", "TPU", None, AMX, "float32", "set in the config"),
+        ("mixed_bfloat16", "CPU", None, frozenset(), "mixed_bfloat16", "set in the config"),
+    ],
+)
+def test_choose(requested, device_kind, capability, cpu_flags, policy, reason):
+    chosen = precision.choose(
+        requested, device_kind=device_kind, gpu_compute_capability=capability, cpu_flags=cpu_flags
+    )
+    assert chosen.policy == policy
+    assert reason in chosen.reason
+
+
+@pytest.mark.parametrize(
+    ("requested", "message"),
+    [
+        ("bfloat16", "precision ('bfloat16') is not one of auto, float32"),
+        ("mixed_float16", "needs dynamic loss scaling"),
+    ],
+)
+def test_unsupported_precision_is_refused(requested, message):
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        precision.choose(requested, device_kind="CPU", gpu_compute_capability=None, cpu_flags=AMX)
+
+
+def test_policy_scope_builds_mixed_layers_and_restores_the_global_policy():
+    before = keras.mixed_precision.global_policy().name
+    with precision.policy_scope("mixed_bfloat16"):
+        layer = keras.layers.Dense(2)
+        layer.build((None, 3))
+    assert (layer.compute_dtype, layer.variable_dtype) == ("bfloat16", "float32")
+    assert keras.mixed_precision.global_policy().name == before
+
+
+# The default config, shortened; Mirrored over 2 logical CPUs.
+RUN = (
+    "--config.total_steps=200",
+    "--config.eval_every_steps=200",
+    "--config.checkpoint_every_steps=100",
+    "--config.distribution.strategy=mirrored",
+    "--config.distribution.cpu_replicas=2",
+)
+
+
+@pytest.fixture(scope="module")
+def bf16_run(tmp_path_factory, data_dir):
+    workdir = tmp_path_factory.mktemp("bf16")
+    result = testutil.run_main(workdir, *RUN, "--config.precision=mixed_bfloat16", data_dir=data_dir)
+    assert "precision: mixed_bfloat16 (set in the config)" in result.stderr
+    return workdir
+
+
+@pytest.mark.slow
+def test_mixed_bfloat16_trains_like_float32(bf16_run, tmp_path, data_dir):
+    testutil.run_main(tmp_path, *RUN, "--config.precision=float32", data_dir=data_dir)
+    float32_accuracy = logged(tmp_path, "eval_accuracy")[-1][1]
+    bf16_accuracy = logged(bf16_run, "eval_accuracy")[-1][1]
+    assert float32_accuracy > 0.5  # Far above chance (0.1): the comparison means something.
+    assert abs(bf16_accuracy - float32_accuracy) <= 0.01
+    # bfloat16 really was used: its losses differ from float32's beyond round-off.
+    losses = [np.array([v for _, v in logged(w, "loss")]) for w in (tmp_path, bf16_run)]
+    assert not np.allclose(*losses, rtol=1e-5)
+
+
+@pytest.mark.slow
+def test_mixed_bfloat16_resumes_bitwise_after_sigterm(bf16_run, tmp_path, data_dir):
+    process = testutil.start_main(
+        tmp_path, *RUN, "--config.precision=mixed_bfloat16", data_dir=data_dir
+    )
+    wait_for_step(tmp_path, 50, process)
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == preemption.EXIT_CODE_PREEMPTED, stderr[-3000:]
+    testutil.run_main(tmp_path, *RUN, "--config.precision=mixed_bfloat16", data_dir=data_dir)
+    assert_bitwise_equal(bf16_run, tmp_path, 200, has_dropout=False)
