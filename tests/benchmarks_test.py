@@ -95,3 +95,23 @@ def test_loop_overhead_script_runs_end_to_end(data_dir):
     assert outer["steps_measured"] == 2  # Logged after the first inner loop, then 2 steps on.
     assert outer["train_main_steps_per_sec"] > 0
     assert outer["checkpoint_bytes_default_config"] > 0
+
+
+def _load_script(name: str):
+    path = os.path.join(testutil.REPO, "benchmarks", f"{name}.py")
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_accelerator_benchmark_measures_both_loops_at_toy_size():
+    accelerator = _load_script("accelerator")
+    result = accelerator.measure(
+        "mlp", "mixed_bfloat16", False, image_size=4, batch_size=4, steps=2, steps_per_loop=1
+    )
+    assert result["tfscale_seconds_per_step"] > 0 and result["fit_seconds_per_step"] > 0
+    # The MLP of width 32 on 4x4x3 images: two dense ReLU layers of 256 and a 10-way classifier,
+    # each a matmul (2 FLOPs per multiply-add) and a bias add.
+    layers = [(48, 256), (256, 256), (256, 10)]
+    assert result["forward_flops_per_image"] == sum(2 * i * o + o for i, o in layers)
