@@ -105,7 +105,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.lr.base = 0.2  # The LR at reference_batch_size; the peak LR is scaled from it.
     config.lr.reference_batch_size = 256
     config.lr.scaling = "linear"  # linear (SGD, Goyal et al.) | sqrt (Adam-type) | none
-    config.lr.warmup = "linear"  # linear | exponential
+    config.lr.warmup = "linear"  # linear | exponential | constant (start fraction, then the peak)
     config.lr.warmup_steps = 50
     config.lr.warmup_epochs = config_dict.placeholder(float)  # Overrides warmup_steps when set.
     config.lr.warmup_start_fraction = 0.0  # First warmup LR as a fraction of the peak.
