@@ -26,8 +26,13 @@ def get_config() -> ml_collections.ConfigDict:
     # GPU/TPU is used.
     config.deterministic = config_dict.placeholder(bool)
 
-    # Examples per optimizer step, all replicas and workers together.
+    # Examples per optimizer step, all replicas, workers and accumulated micro-batches together;
+    # steps, epochs, examples_seen and the LR scaling all count in it.
     config.global_batch_size = 128
+    # Micro-batches per optimizer step: each replica runs global_batch_size / (replicas x
+    # accumulation_steps) examples per forward/backward pass and sums their gradients, which are
+    # all-reduced once per step. 1 = no accumulation.
+    config.accumulation_steps = 1
     config.total_steps = 600  # Optimizer steps in the whole run...
     config.total_epochs = config_dict.placeholder(float)  # ...or passes over the train split...
     config.total_examples = config_dict.placeholder(int)  # ...or examples seen.
@@ -111,7 +116,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.lr.base = 0.2  # The LR at reference_batch_size; the peak LR is scaled from it.
     config.lr.reference_batch_size = 256
     config.lr.scaling = "linear"  # linear (SGD, Goyal et al.) | sqrt (Adam-type) | none
-    config.lr.warmup = "linear"  # linear | exponential
+    config.lr.warmup = "linear"  # linear | exponential | constant (start fraction, then the peak)
     config.lr.warmup_steps = 50
     config.lr.warmup_epochs = config_dict.placeholder(float)  # Overrides warmup_steps when set.
     config.lr.warmup_start_fraction = 0.0  # First warmup LR as a fraction of the peak.

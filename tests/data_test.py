@@ -140,6 +140,32 @@ def test_different_seeds_give_different_orders():
     assert len({tuple(order) for order in orders}) == 3
 
 
+@pytest.mark.parametrize("num_replicas", [1, 2])
+@pytest.mark.parametrize("accumulation_steps", [2, 4])
+def test_micro_batches_are_the_global_batches_cut_in_stream_order(accumulation_steps, num_replicas):
+    """k micro-batches in a row hold exactly one global batch, so positions still count examples
+    and the update sees the same examples as without accumulation."""
+    split = _indexed_split(20)
+    global_batch_size, steps = 8, 5
+    whole = _positions(
+        split, global_batch_size=global_batch_size, start_position=3, seed=7, steps=steps
+    )
+    dataset_fn = data.train_dataset_fn(
+        split,
+        global_batch_size=global_batch_size,
+        start_position=3,
+        seed=7,
+        accumulation_steps=accumulation_steps,
+    )
+    micro_steps = testutil.distributed_steps(
+        testutil.mirrored(num_replicas), dataset_fn, steps * accumulation_steps
+    )
+    per_replica = global_batch_size // accumulation_steps // num_replicas
+    labels = [replica[1] for micro_step in micro_steps for replica in micro_step]
+    assert {len(replica_labels) for replica_labels in labels} == {per_replica}
+    np.testing.assert_array_equal(np.concatenate(labels), whole)
+
+
 @pytest.mark.parametrize("num_replicas", [1, 2, 4])
 @pytest.mark.parametrize("start_position", [0, 12])
 def test_replicas_split_the_same_global_batch(num_replicas, start_position):

@@ -34,6 +34,7 @@ EXPO = {
     "end_fraction": 0.1,
 }
 EXP_WARMUP = {**BASE, "warmup_kind": "exponential", "warmup_start_fraction": 0.01}
+CONSTANT_WARMUP = {**BASE, "warmup_kind": "constant", "warmup_start_fraction": 0.125}
 
 # (kwargs, step, expected); step is optimizer.iterations, the update applied is u = step + 1.
 HAND_CASES = [
@@ -50,6 +51,10 @@ HAND_CASES = [
     (EXP_WARMUP, 0, 2.0 * 0.01**0.9),
     (EXP_WARMUP, 4, 2.0 * 0.01**0.5),
     (EXP_WARMUP, 9, 2.0),
+    # Constant warmup (Goyal et al.): peak / 8 for updates 1..10, the peak from update 11.
+    (CONSTANT_WARMUP, 0, 0.25),
+    (CONSTANT_WARMUP, 9, 0.25),
+    (CONSTANT_WARMUP, 10, 2.0),
     # No warmup: the first update already uses the peak.
     ({**BASE, "warmup_steps": 0}, 0, 2.0),
     # Cosine: t = (u - 10) / 100.
@@ -217,7 +222,7 @@ def test_check_config_errors(fields, match):
 @pytest.mark.parametrize(
     ("overrides", "match"),
     [
-        ({"warmup_kind": "cosine"}, r"lr\.warmup \('cosine'\).*linear, exponential"),
+        ({"warmup_kind": "cosine"}, r"lr\.warmup \('cosine'\).*linear, exponential, constant"),
         ({"decay_kind": "step"}, r"lr\.decay \('step'\).*constant, cosine"),
         ({"peak_lr": 0.0}, r"peak_lr \(0\.0\).*lr\.base"),
         ({"total_steps": 0}, r"total_steps \(0\) must be positive"),
@@ -225,6 +230,7 @@ def test_check_config_errors(fields, match):
         ({"warmup_steps": 110}, r"lr\.warmup_steps \(110\).*total_steps \(110\).*shorten"),
         ({"warmup_start_fraction": 1.5}, r"lr\.warmup_start_fraction \(1\.5\)"),
         ({"warmup_kind": "exponential"}, r"lr\.warmup_start_fraction \(0\.0\).*exponential"),
+        ({"warmup_kind": "constant"}, r"lr\.warmup_start_fraction \(0\.0\).*constant"),
         ({"end_fraction": -0.1}, r"lr\.end_fraction \(-0\.1\)"),
         ({"end_fraction": 1.5}, r"lr\.end_fraction \(1\.5\)"),
         ({"power": 0.0}, r"lr\.power \(0\.0\)"),

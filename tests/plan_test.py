@@ -47,6 +47,22 @@ NUMBERS_CASES = [
     ({"lr.warmup_epochs": 0.3}, 1, 12800, 128, 100.0, 600, 30),
     ({"lr.warmup_epochs": 1.0, "lr.warmup_steps": 10}, 1, 12800, 128, 100.0, 600, 100),
     ({"lr.warmup_epochs": 0.2, "global_batch_size": 64}, 2, 12800, 32, 200.0, 600, 40),
+    # Accumulation: steps and epochs count updates of the whole global batch (2 x 16 x 4 = 128).
+    ({"accumulation_steps": 4}, 2, 12800, 16, 100.0, 600, 50),
+    (
+        {
+            "global_batch_size": 1024,
+            "accumulation_steps": 8,
+            "total_epochs": 2.0,
+            "lr.warmup_epochs": 0.5,
+        },
+        4,
+        12800,
+        32,
+        12.5,
+        25,
+        6,  # 6.25 -> 6
+    ),
 ]
 
 
@@ -58,7 +74,8 @@ def test_plan_numbers(fields, replicas, examples, per_replica, steps_per_epoch, 
     plan = _plan(_config(**fields), replicas=replicas, train_examples=examples)
     assert plan.num_replicas == replicas
     assert plan.per_replica_batch_size == per_replica
-    assert plan.per_replica_batch_size * replicas == plan.global_batch_size
+    assert plan.micro_batch_size == per_replica * replicas
+    assert plan.micro_batch_size * plan.accumulation_steps == plan.global_batch_size
     assert plan.train_examples == examples
     assert plan.steps_per_epoch == pytest.approx(steps_per_epoch)
     assert plan.total_steps == total
@@ -137,6 +154,23 @@ def test_same_global_batch_same_plan_on_1_2_4_replicas(scaling):
     assert len(curves[0]) == 600
 
 
+def test_accumulation_plans_as_more_replicas_would():
+    """2 replicas x 4 micro-batches of 128 = 8 replicas x 128: one global batch of 1024, the
+    same steps, warmup and peak LR (scaled for 1024); the start-up line says how it is made."""
+    config = _config(global_batch_size=1024, total_epochs=4.0)
+    replicas = _plan(config, replicas=8)
+    config.accumulation_steps = 4
+    accumulated = _plan(config, replicas=2)
+    assert (accumulated.micro_batch_size, accumulated.per_replica_batch_size) == (256, 128)
+    assert accumulated.peak_lr == 0.2 * 1024 / 256
+    assert accumulated == dataclasses.replace(
+        replicas, num_replicas=2, accumulation_steps=4, micro_batch_size=256
+    )
+    assert "global batch: 1024 | per-replica batch: 128 | accumulation steps: 4 |" in (
+        accumulated.summary()
+    )
+
+
 @pytest.mark.parametrize(
     ("scaling", "ratio"), [("linear", 2.0), ("sqrt", math.sqrt(2)), ("none", 1)]
 )
@@ -166,6 +200,12 @@ ERROR_CASES = [
     ({"global_batch_size": 250}, 4, [r"global_batch_size \(250\)", r"4 replicas", "multiple of 4"]),
     ({"global_batch_size": 100}, 8, [r"global_batch_size \(100\)", r"8 replicas", "multiple of 8"]),
     ({"global_batch_size": -8}, 1, [r"global_batch_size \(-8\)", "positive"]),
+    ({"accumulation_steps": 0}, 1, [r"accumulation_steps \(0\)", "positive"]),
+    (
+        {"accumulation_steps": 3},
+        2,
+        [r"global_batch_size \(128\)", "2 replicas x 3 accumulation_steps", "multiple of 6"],
+    ),
     ({"total_steps": 0}, 1, [r"total_steps \(0\)", "positive"]),
     ({"total_steps": -5}, 1, [r"total_steps \(-5\)", "positive"]),
     ({"total_epochs": 0.0}, 1, [r"total_epochs \(0.0\)", "positive"]),
@@ -239,6 +279,7 @@ def test_describe_has_the_key_numbers_and_hand_computed_lrs():
         "replicas: 2",
         "global batch: 128",
         "per-replica batch: 64",
+        "accumulation steps: 1",
         "steps/epoch: 100.00",
         "peak lr: 0.1 ",
         "warmup steps: 50",

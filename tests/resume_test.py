@@ -70,6 +70,29 @@ def test_sigterm_twice_then_resume_is_bitwise_identical(straight, tmp_path, data
     assert any("plateau" in e for _, e in logged(straight, "lr_event"))
 
 
+def test_sigterm_with_accumulation_stops_at_an_update_boundary_and_resumes_bitwise(
+    tmp_path, data_dir
+):
+    """4 micro-batches per update (2 replicas x 16 x 4 = 128): the signal lands inside an inner
+    loop, mostly inside an update's accumulation; the stop waits for the loop's end, and the
+    resumed run ends bitwise equal to a straight one, counting examples per update."""
+    accumulate = "--config.accumulation_steps=4"
+    straight, interrupted = tmp_path / "straight", tmp_path / "interrupted"
+    testutil.run_main(straight, *RUN, accumulate, data_dir=data_dir)
+    process = start(interrupted, data_dir, accumulate)
+    wait_for_step(interrupted, 20, process)
+    time.sleep(random.Random(2).uniform(0, 0.5))
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == preemption.EXIT_CODE_PREEMPTED, stderr[-3000:]
+    testutil.run_main(interrupted, *RUN, accumulate, data_dir=data_dir)
+
+    assert_bitwise_equal(straight, interrupted, TOTAL)
+    assert logged(interrupted, "learning_rate") == logged(straight, "learning_rate")
+    seen = logged(interrupted, "examples_seen")
+    assert seen == [(step, step * 128) for step in range(5, TOTAL + 1, 5)]
+
+
 def test_sigkill_at_an_arbitrary_moment_resumes_from_the_last_complete_save(
     straight, tmp_path, data_dir
 ):

@@ -40,16 +40,17 @@ def _shuffled_indices(positions: tf.Tensor, num_examples: int, seed: int) -> tf.
 
 def _replica_positions(
     context: tf.distribute.InputContext,
-    global_batch_size: int,
+    batch_size: int,
     start_position: int,
     num_steps: int | None,
 ) -> tf.data.Dataset:
     """Vectors of stream positions, one per replica batch, in the order this worker consumes them.
 
-    Step j covers positions `start_position + j * global_batch_size + [0, global_batch_size)`;
-    replica r takes the r-th slice, so the global batch is the same on 1, 2 or 32 replicas.
+    `batch_size` is the examples of one element over all replicas (a global batch, or a
+    micro-batch). Element j covers positions `start_position + j * batch_size + [0, batch_size)`;
+    replica r takes the r-th slice, so the batch is the same on 1, 2 or 32 replicas.
     """
-    per_replica = context.get_per_replica_batch_size(global_batch_size)
+    per_replica = context.get_per_replica_batch_size(batch_size)
     replicas_per_worker = context.num_replicas_in_sync // context.num_input_pipelines
     first_replica = context.input_pipeline_id * replicas_per_worker
     if num_steps is None:
@@ -60,7 +61,7 @@ def _replica_positions(
     def positions(element: tf.Tensor) -> tf.Tensor:
         step = element // replicas_per_worker
         replica = first_replica + element % replicas_per_worker
-        first = start_position + step * global_batch_size + replica * per_replica
+        first = start_position + step * batch_size + replica * per_replica
         return first + tf.range(per_replica, dtype=tf.int64)
 
     return elements.map(positions)
@@ -108,9 +109,15 @@ def train_dataset_fn(
     start_position: int,
     seed: int,
     preprocessing: preprocessing_lib.Preprocessing = IDENTITY,
+    accumulation_steps: int = 1,
 ):
     """Returns a `dataset_fn` for `strategy.distribute_datasets_from_function`: endless, shuffled
-    per epoch, starting at `start_position` examples into the stream."""
+    per epoch, starting at `start_position` examples into the stream.
+
+    Each element is a micro-batch of `global_batch_size / accumulation_steps` examples (all
+    replicas together); `accumulation_steps` consecutive ones are one update's global batch, the
+    same examples as without accumulation, so positions count examples either way.
+    """
     if global_batch_size > split.num_examples:
         raise ConfigError(
             f"global_batch_size ({global_batch_size}) exceeds the {split.num_examples} train "
@@ -121,10 +128,12 @@ def train_dataset_fn(
     def transform(image: tf.Tensor, position: tf.Tensor) -> tf.Tensor:
         return preprocessing.train_example(image, position, seed)
 
+    micro_batch_size = global_batch_size // accumulation_steps  # The plan checked it divides.
+
     def dataset_fn(context: tf.distribute.InputContext) -> tf.data.Dataset:
-        positions = _replica_positions(context, global_batch_size, start_position, None)
+        positions = _replica_positions(context, micro_batch_size, start_position, None)
         indexed = positions.map(lambda p: (_shuffled_indices(p, split.num_examples, seed), p))
-        per_replica = context.get_per_replica_batch_size(global_batch_size)
+        per_replica = context.get_per_replica_batch_size(micro_batch_size)
         batches = _replica_batches(split, indexed, preprocessing, transform, per_replica)
         return batches.map(lambda images, labels, _: (images, labels)).prefetch(tf.data.AUTOTUNE)
 

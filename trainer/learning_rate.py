@@ -26,7 +26,7 @@ import tensorflow as tf
 from trainer.errors import ConfigError
 
 SCALING_RULES = ("linear", "sqrt", "none")
-WARMUP_KINDS = ("linear", "exponential")
+WARMUP_KINDS = ("linear", "exponential", "constant")
 DECAY_KINDS = ("constant", "cosine", "linear", "polynomial", "piecewise", "rsqrt", "exponential")
 MILESTONE_ACTIONS = ("multiply", "set")
 PLATEAU_MODES = ("min", "max")
@@ -116,6 +116,8 @@ class WarmupDecaySchedule(keras.optimizers.schedules.LearningRateSchedule):
        start = peak * warmup_start_fraction:
        linear: start + (peak - start) * u / warmup_steps.
        exponential ("gradual"): peak * warmup_start_fraction ** (1 - u / warmup_steps).
+       constant: start, then the peak from update warmup_steps + 1 on (Goyal et al.'s "constant
+       warmup": the unscaled LR, warmup_start_fraction = 1 / k, for the first epochs).
     2. Decay, for u > warmup_steps; t = clip((u - warmup_steps) / (total_steps - warmup_steps),
        0, 1) and floor = peak * end_fraction:
        constant: peak.
@@ -163,9 +165,9 @@ class WarmupDecaySchedule(keras.optimizers.schedules.LearningRateSchedule):
             f"lr.warmup_start_fraction ({warmup_start_fraction}) must be in [0, 1]",
         )
         _require(
-            warmup_kind != "exponential" or warmup_start_fraction > 0,
+            warmup_kind not in ("exponential", "constant") or warmup_start_fraction > 0,
             f"lr.warmup_start_fraction ({warmup_start_fraction}) must be > 0 for"
-            " lr.warmup='exponential' (0 ** x never leaves 0); use e.g. 0.01",
+            f" lr.warmup={warmup_kind!r} (the warmup LR is peak x it); use e.g. 0.01",
         )
         _require(
             0 <= end_fraction <= 1,
@@ -204,9 +206,11 @@ class WarmupDecaySchedule(keras.optimizers.schedules.LearningRateSchedule):
     def _warmup(self, u: tf.Tensor) -> tf.Tensor:
         # 1) Warmup: ramp up to peak, reached exactly at update number warmup_steps.
         peak, fraction = self.peak_lr, u / self.warmup_steps
+        start = peak * self.warmup_start_fraction
         if self.warmup_kind == "linear":
-            start = peak * self.warmup_start_fraction
             return start + (peak - start) * fraction
+        if self.warmup_kind == "constant":
+            return tf.fill(tf.shape(u), start)
         return peak * tf.pow(self.warmup_start_fraction, 1.0 - fraction)
 
     def _decay(self, u: tf.Tensor) -> tf.Tensor:

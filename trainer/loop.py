@@ -94,6 +94,7 @@ def make_train_loop(
     model: keras.Model,
     optimizer: keras.optimizers.Optimizer,
     global_batch_size: int,
+    accumulation_steps: int = 1,
     grad_clip_norm: float = 0.0,
     guard: SpikeGuard | None = None,
     jit_compile: bool = False,
@@ -101,6 +102,11 @@ def make_train_loop(
     """Returns `train_loop(iterator, num_steps)` -> mean loss/accuracy, the last applied LR and
     `steps`, the `[num_steps, len(SIGNALS)]` per-update signals.
 
+    `global_batch_size` is the examples of one optimizer update. With `accumulation_steps` k > 1
+    the iterator yields micro-batches (`data.train_dataset_fn` with the same k): each update
+    reads k of them, sums their gradients on each replica (no communication), then all-reduces
+    once, so it equals one update on the whole global batch up to float rounding. BatchNorm
+    normalizes with micro-batch statistics and updates its moving averages k times per update.
     Without a `guard` (e.g. the LR range test) no statistics are kept and nothing is skipped.
     `jit_compile` XLA-compiles each replica's forward and backward pass. Not the all-reduce and
     the update: under MirroredStrategy TF cannot compile them (a compiled function around
@@ -110,20 +116,47 @@ def make_train_loop(
     variables = model.trainable_variables
 
     @tf.function(jit_compile=jit_compile)
-    def local_gradients(images: tf.Tensor, labels: tf.Tensor) -> tuple[tf.Tensor, ...]:
-        """This replica's loss, logits and gradient (its share of the global ones)."""
+    def forward_backward(images: tf.Tensor, labels: tf.Tensor) -> tuple[tf.Tensor, ...]:
+        """One micro-batch on one replica: its share of the update's loss, its gradient."""
         with tf.GradientTape() as tape:
             logits = model(images, training=True)
-            # Averaged over the *global* batch: replicas' gradients are summed by the all-reduce.
+            # Averaged over the *global* batch of the update: the all-reduce sums the replicas'
+            # gradients and the accumulation the micro-batches', so the sum is the gradient of
+            # the mean over all of it.
             loss = tf.nn.compute_average_loss(
                 _per_example_loss(labels, logits), global_batch_size=global_batch_size
             )
-            if model.losses:
-                loss += tf.nn.scale_regularization_loss(tf.add_n(model.losses))
-        return loss, logits, tape.gradient(loss, variables)
+            if model.losses:  # Once per update in all: 1/replicas here, 1/k per micro-batch.
+                regularization = tf.nn.scale_regularization_loss(tf.add_n(model.losses))
+                loss += regularization / accumulation_steps
+        correct = tf.reduce_sum(
+            tf.cast(tf.equal(tf.argmax(logits, -1, output_type=labels.dtype), labels), tf.float32)
+        )
+        return loss, correct, tape.gradient(loss, variables)
 
-    def forward_backward(images: tf.Tensor, labels: tf.Tensor) -> tuple[tf.Tensor, ...]:
-        loss, logits, grads = local_gradients(images, labels)
+    def add(total: tuple, part: tuple) -> tuple:
+        return tf.nest.map_structure(tf.add, total, part)
+
+    def earlier_sums(iterator) -> tuple:
+        """(loss, correct, gradients) summed over all but the last micro-batch, per replica."""
+        sums = strategy.run(forward_backward, args=next(iterator))
+        for _ in tf.range(accumulation_steps - 2):
+            sums = strategy.run(
+                add, args=(sums, strategy.run(forward_backward, args=next(iterator)))
+            )
+        return sums
+
+    def last_micro_batch(images: tf.Tensor, labels: tf.Tensor, earlier: tuple | None) -> tuple:
+        """The last micro-batch on one replica plus the `earlier` sums, then the update's one
+        all-reduce: the global gradient norm and the gradients to hand to the optimizer.
+
+        The all-reduce stays in the replica function that computed the gradient:
+        MirroredStrategy on one device fails ("destinations can not be empty") on tensors made
+        in cross-replica context.
+        """
+        loss, correct, grads = forward_backward(images, labels)
+        if earlier is not None:
+            loss, correct, grads = add(earlier, (loss, correct, grads))
         # The norm of the all-reduced gradient (the global one; per-replica partial gradients
         # have another norm). It costs one all-reduce of the gradient on top of the optimizer's
         # own (Keras reduces inside apply_gradients, with no way to hand it a reduced gradient);
@@ -135,18 +168,20 @@ def make_train_loop(
         if grad_clip_norm > 0:  # Keras sums what it gets again: hand it 1/replicas of the sum.
             clipped, _ = tf.clip_by_global_norm(summed, grad_clip_norm, use_norm=grad_norm)
             grads = [grad / context.num_replicas_in_sync for grad in clipped]
-        correct = tf.reduce_sum(
-            tf.cast(tf.equal(tf.argmax(logits, -1, output_type=labels.dtype), labels), tf.float32)
-        )
         return loss, correct, grad_norm, grads
 
     def apply(grads: list[tf.Tensor]) -> None:
         optimizer.apply_gradients(zip(grads, variables, strict=True))
 
-    def train_step(batch) -> tuple[tf.Tensor, tf.Tensor]:
+    def train_step(iterator) -> tuple[tf.Tensor, tf.Tensor]:
         """One update, in cross-replica context; returns its SIGNALS row and correct count."""
         before = [tf.identity(v) for v in variables]  # Kept by copy-on-write: one weight copy.
-        loss, correct, grad_norm, grads = strategy.run(forward_backward, args=batch)
+        # Decided in Python: without accumulation the graph has no accumulation loop.
+        earlier = earlier_sums(iterator) if accumulation_steps > 1 else None
+        images, labels = next(iterator)
+        loss, correct, grad_norm, grads = strategy.run(
+            last_micro_batch, args=(images, labels, earlier)
+        )
         loss = strategy.reduce(SUM, loss, axis=None)
         grad_norm = strategy.experimental_local_results(grad_norm)[0]  # Same on every replica.
         # Read from the optimizer just before it applies: exactly the LR of this update.
@@ -184,7 +219,7 @@ def make_train_loop(
         rows = tf.TensorArray(tf.float32, size=num_steps, element_shape=[len(SIGNALS)])
         correct_sum = tf.constant(0.0)
         for i in tf.range(num_steps):
-            row, correct = train_step(next(iterator))
+            row, correct = train_step(iterator)
             rows = rows.write(i, row)
             correct_sum += correct
         steps = rows.stack()

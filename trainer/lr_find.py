@@ -96,6 +96,7 @@ def run(
         model=state.model,
         optimizer=state.optimizer,
         global_batch_size=setup.plan.global_batch_size,
+        accumulation_steps=setup.plan.accumulation_steps,
         grad_clip_norm=config.optimizer.grad_clip_norm,
     )
     iterator = setup.train_iterator(start_position=0)

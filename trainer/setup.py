@@ -31,21 +31,27 @@ class Setup:
         return self.preprocessing.output_shape(self.train_split.image_shape)
 
     def train_iterator(self, start_position: int):
-        """A distributed iterator over the endless train stream, `start_position` examples in."""
+        """A distributed iterator over the endless train stream, `start_position` examples in;
+        it yields micro-batches, `plan.accumulation_steps` per update."""
         dataset_fn = data.train_dataset_fn(
             self.train_split,
             global_batch_size=self.plan.global_batch_size,
             start_position=start_position,
             seed=self.config.seed,
             preprocessing=self.preprocessing,
+            accumulation_steps=self.plan.accumulation_steps,
         )
         return iter(self.strategy.distribute_datasets_from_function(dataset_fn))
 
     def eval_input(self) -> tuple[tf.distribute.DistributedDataset, int]:
-        """The eval split once over, padded to whole global batches, and its number of steps."""
+        """The eval split once over, padded to whole batches, and its number of steps.
+
+        Eval batches are micro-batches: accumulation is there because a larger batch does not fit
+        in memory, and the eval metrics do not depend on the batch size.
+        """
         dataset_fn, num_steps = data.eval_dataset_fn(
             self.eval_split,
-            global_batch_size=self.plan.global_batch_size,
+            global_batch_size=self.plan.micro_batch_size,
             preprocessing=self.preprocessing,
         )
         return self.strategy.distribute_datasets_from_function(dataset_fn), num_steps

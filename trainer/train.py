@@ -92,6 +92,7 @@ def _train(run: Run, signals: preemption.SignalWatcher) -> dict[str, float]:
         model=state.model,
         optimizer=state.optimizer,
         global_batch_size=plan.global_batch_size,
+        accumulation_steps=plan.accumulation_steps,
         grad_clip_norm=config.optimizer.grad_clip_norm,
         guard=state.guard,
         jit_compile=config.jit_compile,

@@ -22,8 +22,10 @@ class Plan:
 
     num_replicas: int
     num_workers: int
-    global_batch_size: int
-    per_replica_batch_size: int
+    global_batch_size: int  # Examples per optimizer update: what steps, epochs and the LR use.
+    accumulation_steps: int  # Micro-batches whose gradients are summed into one update.
+    micro_batch_size: int  # Examples per forward/backward pass, all replicas together.
+    per_replica_batch_size: int  # Examples per forward/backward pass on one replica.
     train_examples: int
     steps_per_epoch: float
     total_steps: int
@@ -40,7 +42,8 @@ class Plan:
         return (
             f"plan | replicas: {self.num_replicas} (workers: {self.num_workers}) | "
             f"global batch: {self.global_batch_size} | per-replica batch: "
-            f"{self.per_replica_batch_size} | steps/epoch: {self.steps_per_epoch:.2f} | "
+            f"{self.per_replica_batch_size} | accumulation steps: {self.accumulation_steps} | "
+            f"steps/epoch: {self.steps_per_epoch:.2f} | "
             f"peak lr: {self.peak_lr:.6g} ({self.lr_scaling} from {self.base_lr:g} @ "
             f"{self.reference_batch_size}) | warmup steps: {self.warmup_steps} | "
             f"total steps: {self.total_steps}"
@@ -129,6 +132,7 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     _check_positive(
         config,
         "global_batch_size",
+        "accumulation_steps",
         "total_steps",
         "total_epochs",
         "total_examples",
@@ -163,11 +167,13 @@ def make_plan(
 ) -> Plan:
     """Resolves the config for a topology. Raises ValueError naming the field, value and fix."""
     check_config(config)
-    global_batch_size = config.global_batch_size
-    if global_batch_size % num_replicas:
+    global_batch_size, accumulation_steps = config.global_batch_size, config.accumulation_steps
+    micro_batches = num_replicas * accumulation_steps  # Per-replica micro-batches per update.
+    if global_batch_size % micro_batches:
+        times_k = f" x {accumulation_steps} accumulation_steps" if accumulation_steps > 1 else ""
         raise ConfigError(
             f"global_batch_size ({global_batch_size}) is not divisible by the {num_replicas} "
-            f"replicas; use a multiple of {num_replicas}"
+            f"replicas{times_k}; use a multiple of {micro_batches}"
         )
     steps_per_epoch = train_examples / global_batch_size
     facts = (steps_per_epoch, global_batch_size)
@@ -186,7 +192,9 @@ def make_plan(
         num_replicas=num_replicas,
         num_workers=num_workers,
         global_batch_size=global_batch_size,
-        per_replica_batch_size=global_batch_size // num_replicas,
+        accumulation_steps=accumulation_steps,
+        micro_batch_size=global_batch_size // accumulation_steps,
+        per_replica_batch_size=global_batch_size // micro_batches,
         train_examples=train_examples,
         steps_per_epoch=steps_per_epoch,
         total_steps=total_steps,
