@@ -85,6 +85,8 @@ def arm_config(
     config.model.name = "small_cnn"
     config.model.width = 8
     config.distribution.strategy = "default"
+    # Not `auto`: the numbers must not depend on whether this CPU has bfloat16 units.
+    config.precision = "float32"
     config.accumulation_steps = BATCH_RATIO if arm.large else 1
     config.global_batch_size = SMALL_BATCH * config.accumulation_steps
     config.total_epochs = epochs
