@@ -1,11 +1,9 @@
 """What a run gives back, end to end: export/final at the end, export/best during the run, and
 fine-tuning from another run (weights once, at the fresh start; never again on resume).
 
-In-process runs (`train_and_evaluate`, default strategy, a tiny MLP). These need the trainer to
-call the library (issue #12's integration lines in train.py / run.py); until then they skip.
+In-process runs (`train_and_evaluate`, default strategy, a tiny MLP).
 """
 
-import inspect
 import json
 import os
 import shutil
@@ -17,16 +15,8 @@ import testutil
 from absl import logging as absl_logging
 
 from trainer import checkpointing, export, init_checkpoint, metrics, train
-from trainer import run as run_lib
 
-pytestmark = [
-    pytest.mark.slow,
-    pytest.mark.skipif(
-        "BestKeeper" not in inspect.getsource(train)
-        or "init_checkpoint" not in inspect.getsource(run_lib.Run.restore_or_initialize),
-        reason="the trainer does not call export/best/init_checkpoint yet (issue #12 integration)",
-    ),
-]
+pytestmark = pytest.mark.slow
 
 
 def _config(data_dir, **fields):

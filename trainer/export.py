@@ -235,9 +235,8 @@ def export_run(workdir: str, step: int | None = None) -> str:
     return export_checkpoint(prefix, manifest, export_directory(workdir, name))
 
 
-def main(argv: list[str]) -> None:
-    del argv
-    directory = export_run(flags.FLAGS.workdir, flags.FLAGS.step)
+def log_export(directory: str) -> None:
+    """One console line: which step went where, with what signatures."""
     info = read_info(directory)
     logging.info(
         "export | step: %d | wrote %s | %s | model.keras",
@@ -245,6 +244,11 @@ def main(argv: list[str]) -> None:
         directory,
         " | ".join(f"{name}: {text}" for name, text in info["signatures"].items()),
     )
+
+
+def main(argv: list[str]) -> None:
+    del argv
+    log_export(export_run(flags.FLAGS.workdir, flags.FLAGS.step))
 
 
 if __name__ == "__main__":

@@ -88,6 +88,8 @@ def manifest(setup: Setup, state: TrainState) -> checkpointing.Manifest:
         optimizer=config.optimizer.name,
         plan=dataclasses.asdict(setup.plan),
         config=json.loads(config.to_json_best_effort()),
+        input_shape=list(setup.input_shape),
+        num_classes=setup.num_classes,
         versions={
             "tensorflow": tf.__version__,
             "keras": keras.__version__,

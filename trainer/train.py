@@ -8,8 +8,9 @@ import ml_collections
 import numpy as np
 import tensorflow as tf
 
-from trainer import health, loop, lr_override, metrics, preemption, workdir_lock
+from trainer import export, health, loop, lr_override, metrics, preemption, workdir_lock
 from trainer import setup as setup_lib
+from trainer.best import BestKeeper
 from trainer.health import report
 from trainer.run import Run
 
@@ -107,6 +108,8 @@ def _train(run: Run, signals: preemption.SignalWatcher) -> dict[str, float]:
     eval_metrics: dict[str, float] = {}
     num_workers = setup.topology.num_workers
     monitor = _monitor(run)
+    # The best eval's checkpoint and export (export/best); file work, so the chief's alone.
+    best = BestKeeper.from_config(run.workdir, config) if setup.topology.is_chief else None
     # 6. The outer loop: an inner loop of steps in one tf.function, then host-side work. A signal
     #    received at any time (also during set-up or restore) stops it at the next boundary.
     while run.plan_step < plan.total_steps:
@@ -160,7 +163,8 @@ def _train(run: Run, signals: preemption.SignalWatcher) -> dict[str, float]:
             window = _Window()
         run.log_events(events)
 
-        if plan_step % config.eval_every_steps == 0 or done:
+        evaluated = plan_step % config.eval_every_steps == 0 or done
+        if evaluated:
             eval_metrics = evaluate()
             run.writer.write(run.step, eval_metrics, kind="eval")
             run.log_events(run.controller.on_eval(run.step, eval_metrics))
@@ -168,11 +172,20 @@ def _train(run: Run, signals: preemption.SignalWatcher) -> dict[str, float]:
         # Multi-worker: the override file is not broadcast yet (BUILD_NOTES, limits).
         override_events, overridden = ([], False) if num_workers > 1 else run.take_lr_override()
         run.log_events(override_events)
-        if plan_step % config.checkpoint_every_steps == 0 or done or overridden:
+        # With best_metric every eval is checkpointed (on every worker alike: a multi-worker
+        # save is collective), so the best eval's checkpoint exists to be kept.
+        keeps_best = evaluated and bool(config.best_metric)
+        if plan_step % config.checkpoint_every_steps == 0 or done or overridden or keeps_best:
             run.save()
         if overridden:  # Only now is the change durable: the file may leave the queue.
             lr_override.mark_applied(run.workdir, run.step)
+        if keeps_best and best is not None:
+            best.update(run.step, eval_metrics)
+    # 7. What the run gives back (chief only): the last checkpoint as a model to serve
+    #    (export/final), and the health report.
     if setup.topology.is_chief:
+        if config.export_at_end:
+            export.log_export(export.export_run(run.workdir))
         report.write(run.workdir)  # health.json, health.png and a console summary.
     return eval_metrics
 

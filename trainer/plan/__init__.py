@@ -9,7 +9,7 @@ import numbers
 
 import ml_collections
 
-from trainer import learning_rate, loop, models, optimizers
+from trainer import best, init_checkpoint, learning_rate, loop, models, optimizers
 from trainer.errors import ConfigError
 
 UNITS = ("steps", "epochs", "examples")
@@ -156,6 +156,8 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     _check_plateau_metric(config.lr)
     optimizers.check_config(config.optimizer)
     models.check_config(config.model)
+    best.check_config(config)
+    init_checkpoint.check_config(config)
 
 
 def make_plan(
