@@ -38,12 +38,17 @@ def get_config() -> ml_collections.ConfigDict:
     config.checkpoint_every_steps = 200  # Also at the end and on preemption.
     config.max_checkpoints_to_keep = 3
     config.export_at_end = True  # SavedModel + .keras of the last checkpoint in export/final.
-    config.best_metric = ""  # eval_loss | eval_accuracy: its best kept in export/best; "" = off.
+    # eval_loss | eval_accuracy (ema_eval_loss | ema_eval_accuracy with ema_decay > 0): its best
+    # kept in export/best; "" = off.
+    config.best_metric = ""
     config.best_mode = "max"  # max | min: which direction of best_metric is better.
     # Fine-tuning: model weights for a fresh run from a workdir, .../ckpt-N, .keras or .weights.h5.
     config.init_checkpoint = ""
     config.init_checkpoint_include = ()  # Layer-name patterns to load (fnmatch); () = all.
     config.init_checkpoint_exclude = ()  # Layer-name patterns left fresh, e.g. ("dense_1",).
+    # Exponential moving average of the trainable weights, e.g. 0.999 (trainer/ema.py); eval runs
+    # on both (ema_eval_* metrics too) and exports hold the average. 0 = off.
+    config.ema_decay = 0.0
 
     config.distribution = ml_collections.ConfigDict()
     # auto | default | one_device | mirrored | multi_worker | tpu. auto = mirrored over all local

@@ -46,22 +46,6 @@ def _cosine(update, total, peak=0.1):
     return peak * 0.5 * (1 + np.cos(np.pi * (update - WARMUP) / (total - WARMUP)))
 
 
-class _Crash(Exception):
-    pass
-
-
-def _crash_at(monkeypatch, step):
-    """Makes the run die (like kill -9: no cleanup of its files) when it logs `step`."""
-    write = metrics.MetricWriter.write
-
-    def crashing(self, at, record, kind="train"):
-        if at == step and kind == "train":
-            raise _Crash(step)
-        return write(self, at, record, kind)
-
-    monkeypatch.setattr(metrics.MetricWriter, "write", crashing)
-
-
 # ---------------------------------------------------------------------------------------------
 # 1-2. The manual override: durable once applied, accepted in any BOM-marked encoding.
 
@@ -72,8 +56,8 @@ def test_applied_override_survives_a_crash_before_the_next_checkpoint(
     config = _config(data_dir, total_steps=60, checkpoint_every_steps=50)
     tmp_path.mkdir(exist_ok=True)
     (tmp_path / "lr_override.json").write_text('{"set": 0.01}')  # Applied at step 5.
-    _crash_at(monkeypatch, 30)
-    with pytest.raises(_Crash):
+    testutil.crash_at(monkeypatch, 30)
+    with pytest.raises(testutil.Crash):
         train.train_and_evaluate(config, str(tmp_path))
     monkeypatch.undo()
     assert not (tmp_path / "lr_override.json").exists()

@@ -51,26 +51,15 @@ def test_a_run_exports_at_the_end_and_keeps_its_best_eval(tmp_path, data_dir):
     assert tf.train.latest_checkpoint(str(tmp_path / "checkpoints")).endswith("ckpt-30")
 
 
-class _Crash(Exception):
-    pass
-
-
 def test_keeping_the_best_does_not_change_the_run(tmp_path, data_dir, monkeypatch):
     """Exports inside the trainer leave its state and RNG alone: a run that keeps its best, and
     crashes and resumes on the way, ends bit for bit where a plain run does."""
     train.train_and_evaluate(_config(data_dir), str(tmp_path / "plain"))
     with_best = _config(data_dir, best_metric="eval_accuracy", best_mode="max")
-    write = metrics.MetricWriter.write
-
-    def crash_at_25(self, step, record, kind="train"):
-        if step == 25 and kind == "train":
-            raise _Crash(step)  # Like kill -9: after the best of steps 10 and 20 was kept.
-        return write(self, step, record, kind)
-
-    monkeypatch.setattr(metrics.MetricWriter, "write", crash_at_25)
-    with pytest.raises(_Crash):
+    testutil.crash_at(monkeypatch, 25)  # Like kill -9: after the best of steps 10 and 20 was kept.
+    with pytest.raises(testutil.Crash):
         train.train_and_evaluate(with_best, str(tmp_path / "best"))
-    monkeypatch.setattr(metrics.MetricWriter, "write", write)
+    monkeypatch.undo()
     train.train_and_evaluate(with_best, str(tmp_path / "best"))  # Resumes at ckpt-20.
     testutil.assert_bitwise_equal(tmp_path / "plain", tmp_path / "best", 30, has_dropout=False)
 

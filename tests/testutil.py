@@ -150,6 +150,23 @@ def wait_for_step(workdir, step: int, process: subprocess.Popen, timeout: float 
     raise TimeoutError(f"step {step} not reached")
 
 
+class Crash(Exception):
+    """Raised by `crash_at` from inside a run."""
+
+
+def crash_at(monkeypatch, step: int) -> None:
+    """Makes an in-process run die (like kill -9: no cleanup of its files) when it logs the
+    train record of `step`; `monkeypatch.undo()` lets the next run live."""
+    write = metrics.MetricWriter.write
+
+    def crashing(self, at, record, kind="train"):
+        if at == step and kind == "train":
+            raise Crash(step)
+        return write(self, at, record, kind)
+
+    monkeypatch.setattr(metrics.MetricWriter, "write", crashing)
+
+
 def checkpoint_values(workdir, step: int) -> dict[str, np.ndarray]:
     reader = tf.train.load_checkpoint(str(workdir / "checkpoints" / f"ckpt-{step}"))
     names = [n for n in reader.get_variable_to_shape_map() if "OBJECT_GRAPH" not in n]

@@ -121,6 +121,8 @@ class Run:
             _refuse_fresh_start_over_history(self.workdir)
             if self.config.init_checkpoint:
                 init_checkpoint.load(self.state.model, self.config)
+                if self.state.ema is not None:  # Averages start at the loaded weights.
+                    self.state.ema.reset()
             self.save()  # What NaN recovery returns to.
             return
         self._config_changes = _config_changes(restored.config, self.config)

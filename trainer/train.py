@@ -95,14 +95,14 @@ def _train(run: Run, signals: preemption.SignalWatcher) -> dict[str, float]:
         global_batch_size=plan.global_batch_size,
         grad_clip_norm=config.optimizer.grad_clip_norm,
         guard=state.guard,
+        ema=state.ema,
     )
     eval_loop = loop.make_eval_loop(strategy=setup.strategy, model=state.model)
     train_iterator = setup.train_iterator(run.examples_seen)
     eval_dataset, eval_steps = setup.eval_input()
 
-    def evaluate() -> dict[str, float]:
-        outputs = eval_loop(iter(eval_dataset), tf.constant(eval_steps))
-        return {k: float(v.numpy()) for k, v in outputs.items()}
+    def evaluate() -> dict[str, float]:  # Raw weights, and the EMA's when one is kept.
+        return loop.evaluate(eval_loop, eval_dataset, eval_steps, state.ema)
 
     window = _Window()
     eval_metrics: dict[str, float] = {}
