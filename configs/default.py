@@ -37,6 +37,9 @@ def get_config() -> ml_collections.ConfigDict:
     config.eval_every_steps = 200  # Full pass over the eval split; also at the end.
     config.checkpoint_every_steps = 200  # Also at the end and on preemption.
     config.max_checkpoints_to_keep = 3
+    # A TensorBoard profile of the updates after step start up to step end, e.g. (20, 25), on the
+    # chief, in tensorboard/plugins/profile (trainer/profiling.py); () = off.
+    config.profile_steps = ()
     config.export_at_end = True  # SavedModel + .keras of the last checkpoint in export/final.
     # eval_loss | eval_accuracy (ema_eval_loss | ema_eval_accuracy with ema_decay > 0): its best
     # kept in export/best; "" = off.

@@ -8,7 +8,7 @@ import ml_collections
 import numpy as np
 import tensorflow as tf
 
-from trainer import export, health, loop, lr_override, metrics, preemption, workdir_lock
+from trainer import export, health, loop, lr_override, metrics, preemption, profiling, workdir_lock
 from trainer import setup as setup_lib
 from trainer.best import BestKeeper
 from trainer.health import report
@@ -37,9 +37,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             # 4. restored from the newest complete checkpoint, or a fresh ckpt-0: never a silent
             #    fresh start (see Run.restore_or_initialize).
             run = Run.start(setup, workdir)
+            profiler = profiling.StepProfiler.from_config(
+                workdir, config, is_chief=setup.topology.is_chief
+            )
             try:
-                return _train(run, signals)
+                return _train(run, signals, profiler)
             finally:
+                profiler.stop()  # A run stopped inside profile_steps still writes its profile.
                 run.writer.close()
 
 
@@ -81,10 +85,14 @@ def _next_stop(plan_step: int, config: ml_collections.ConfigDict, total: int, mi
         stops.append((plan_step // every + 1) * every)
     if milestone is not None and milestone > plan_step:
         stops.append(milestone)
+    # The profiler starts and stops at loop boundaries: these make them the requested steps.
+    stops.extend(step for step in config.profile_steps if step > plan_step)
     return min(stops)
 
 
-def _train(run: Run, signals: preemption.SignalWatcher) -> dict[str, float]:
+def _train(
+    run: Run, signals: preemption.SignalWatcher, profiler: profiling.StepProfiler
+) -> dict[str, float]:
     setup, config, plan, state = run.setup, run.config, run.plan, run.state
     # 5. The compiled inner loops and both inputs, built once (the train input is rebuilt only
     #    when a NaN recovery moves the input position back).
@@ -121,8 +129,9 @@ def _train(run: Run, signals: preemption.SignalWatcher) -> dict[str, float]:
         stop = _next_stop(plan_step, config, plan.total_steps, run.controller.next_milestone())
         num_steps = stop - plan_step
         started = time.monotonic()
-        outputs = train_loop(train_iterator, tf.constant(num_steps))
-        outputs = {k: v.numpy() for k, v in outputs.items()}  # The one host sync.
+        with profiler.inner_loop(plan_step, num_steps):  # A profiler step, in profile_steps.
+            outputs = train_loop(train_iterator, tf.constant(num_steps))
+            outputs = {k: v.numpy() for k, v in outputs.items()}  # The one host sync.
         seconds = time.monotonic() - started
         state.examples_seen.assign_add(num_steps * plan.global_batch_size)
 

@@ -9,7 +9,7 @@ import numbers
 
 import ml_collections
 
-from trainer import best, ema, init_checkpoint, learning_rate, loop, models, optimizers
+from trainer import best, ema, init_checkpoint, learning_rate, loop, models, optimizers, profiling
 from trainer.errors import ConfigError
 
 UNITS = ("steps", "epochs", "examples")
@@ -160,6 +160,7 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     models.check_config(config.model)
     best.check_config(config)
     init_checkpoint.check_config(config)
+    profiling.check_config(config.profile_steps)
 
 
 def make_plan(
@@ -179,6 +180,7 @@ def make_plan(
     warmup_steps = _duration(config.lr, "warmup", facts)
     if total_steps <= 0:
         raise ConfigError(f"the run is {total_steps} steps long; raise total_steps/total_epochs")
+    profiling.check_config(config.profile_steps, total_steps)
     lr = config.lr
     boundaries = tuple(
         _to_steps(b, lr.boundaries_unit, "lr.boundaries", facts) for b in lr.boundaries
