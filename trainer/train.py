@@ -34,8 +34,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         lock = workdir_lock.WorkdirLock(workdir) if setup.topology.is_chief else nullcontext()
         with lock:
             # 3. Model, optimizer (owning the LR) and the rest of the state, under the strategy;
-            # 4. restored from the newest complete checkpoint, or a fresh ckpt-0: never a silent
-            #    fresh start (see Run.restore_or_initialize).
+            # 4. restored from the newest complete checkpoint, or a fresh ckpt-0 (with
+            #    init_checkpoint's weights when fine-tuning): never a silent fresh start (see
+            #    Run.restore_or_initialize).
             run = Run.start(setup, workdir)
             profiler = profiling.StepProfiler.from_config(
                 workdir, config, is_chief=setup.topology.is_chief
