@@ -177,20 +177,7 @@ def test_a_checkpoint_without_averages_is_refused_to_a_run_that_keeps_them():
 
 
 def _config(data_dir, **fields):
-    small = {
-        "total_steps": 20,
-        "steps_per_loop": 5,
-        "log_every_steps": 5,
-        "eval_every_steps": 10,
-        "checkpoint_every_steps": 10,
-        "lr.warmup_steps": 2,
-        "model.name": "mlp",
-        "model.width": 8,
-        "distribution.strategy": "default",
-        "ema_decay": 0.9,
-        "dataset.data_dir": data_dir,
-    }
-    return testutil.config_with(**{**small, **fields})
+    return testutil.tiny_run_config(data_dir, **{"ema_decay": 0.9, **fields})
 
 
 def _saved(workdir, step: int, which: str) -> list[np.ndarray]:

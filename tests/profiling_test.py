@@ -68,21 +68,8 @@ def _train_step_markers(path: str) -> list[int]:
 
 @pytest.mark.slow
 def test_a_run_records_a_profile_of_the_requested_steps(tmp_path, data_dir):
-    config = testutil.config_with(
-        **{
-            "total_steps": 20,
-            "steps_per_loop": 5,
-            "log_every_steps": 5,
-            "eval_every_steps": 20,
-            "checkpoint_every_steps": 20,
-            "lr.warmup_steps": 2,
-            "model.name": "mlp",
-            "model.width": 8,
-            "distribution.strategy": "default",
-            "export_at_end": False,
-            "profile_steps": (7, 12),
-            "dataset.data_dir": data_dir,
-        }
+    config = testutil.tiny_run_config(
+        data_dir, eval_every_steps=20, export_at_end=False, profile_steps=(7, 12)
     )
     train.train_and_evaluate(config, str(tmp_path))
     traces = glob.glob(str(tmp_path / "tensorboard" / "plugins" / "profile" / "*" / "*.xplane.pb"))

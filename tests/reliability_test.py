@@ -24,19 +24,7 @@ WARMUP = 4
 
 
 def _config(data_dir, **fields):
-    small = {
-        "total_steps": 20,
-        "steps_per_loop": 5,
-        "log_every_steps": 5,
-        "eval_every_steps": 10,
-        "checkpoint_every_steps": 10,
-        "lr.warmup_steps": WARMUP,
-        "model.name": "mlp",
-        "model.width": 8,
-        "distribution.strategy": "default",
-        "dataset.data_dir": data_dir,
-    }
-    return testutil.config_with(**{**small, **fields})
+    return testutil.tiny_run_config(data_dir, **{"lr.warmup_steps": WARMUP, **fields})
 
 
 def _cosine(update, total, peak=0.1):

@@ -20,19 +20,8 @@ pytestmark = pytest.mark.slow
 
 
 def _config(data_dir, **fields):
-    small = {
-        "total_steps": 30,
-        "steps_per_loop": 5,
-        "log_every_steps": 5,
-        "eval_every_steps": 10,
-        "checkpoint_every_steps": 30,
-        "lr.warmup_steps": 2,
-        "model.name": "mlp",
-        "model.width": 8,
-        "distribution.strategy": "default",
-        "dataset.data_dir": data_dir,
-    }
-    return testutil.config_with(**{**small, **fields})
+    small = {"total_steps": 30, "checkpoint_every_steps": 30}
+    return testutil.tiny_run_config(data_dir, **{**small, **fields})
 
 
 def test_a_run_exports_at_the_end_and_keeps_its_best_eval(tmp_path, data_dir):

@@ -29,6 +29,25 @@ def config_with(**fields) -> ml_collections.ConfigDict:
     return config
 
 
+def tiny_run_config(data_dir: str, **fields) -> ml_collections.ConfigDict:
+    """The default config shrunk for an in-process end-to-end run of seconds: a tiny MLP on the
+    default strategy, 20 updates in loops of 5, eval and checkpoint every 10; `fields` as in
+    `config_with` change it further."""
+    small = {
+        "total_steps": 20,
+        "steps_per_loop": 5,
+        "log_every_steps": 5,
+        "eval_every_steps": 10,
+        "checkpoint_every_steps": 10,
+        "lr.warmup_steps": 2,
+        "model.name": "mlp",
+        "model.width": 8,
+        "distribution.strategy": "default",
+        "dataset.data_dir": data_dir,
+    }
+    return config_with(**{**small, **fields})
+
+
 def mirrored(num_replicas: int) -> tf.distribute.Strategy:
     """Mirrored over the first `num_replicas` logical CPUs (the CPU stand-in for GPUs/TPUs).
 
