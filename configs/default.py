@@ -42,13 +42,21 @@ def get_config() -> ml_collections.ConfigDict:
     config.eval_every_steps = 200  # Full pass over the eval split; also at the end.
     config.checkpoint_every_steps = 200  # Also at the end and on preemption.
     config.max_checkpoints_to_keep = 3
+    # A TensorBoard profile of the updates after step start up to step end, e.g. (20, 25), on the
+    # chief, in tensorboard/plugins/profile (trainer/profiling.py); () = off.
+    config.profile_steps = ()
     config.export_at_end = True  # SavedModel + .keras of the last checkpoint in export/final.
-    config.best_metric = ""  # eval_loss | eval_accuracy: its best kept in export/best; "" = off.
+    # eval_loss | eval_accuracy (ema_eval_loss | ema_eval_accuracy with ema_decay > 0): its best
+    # kept in export/best; "" = off.
+    config.best_metric = ""
     config.best_mode = "max"  # max | min: which direction of best_metric is better.
     # Fine-tuning: model weights for a fresh run from a workdir, .../ckpt-N, .keras or .weights.h5.
     config.init_checkpoint = ""
     config.init_checkpoint_include = ()  # Layer-name patterns to load (fnmatch); () = all.
     config.init_checkpoint_exclude = ()  # Layer-name patterns left fresh, e.g. ("dense_1",).
+    # Exponential moving average of the trainable weights, e.g. 0.999 (trainer/ema.py); eval runs
+    # on both (ema_eval_* metrics too) and exports hold the average. 0 = off.
+    config.ema_decay = 0.0
 
     # auto | float32 | mixed_bfloat16. auto: mixed_bfloat16 where the hardware multiplies bfloat16
     # natively (TPU, NVIDIA compute capability >= 8.0, CPUs with AMX-BF16), else float32.

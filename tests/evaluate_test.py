@@ -17,19 +17,7 @@ TOTAL = 20
 
 
 def _config(data_dir, **fields):
-    small = {
-        "total_steps": TOTAL,
-        "steps_per_loop": 5,
-        "log_every_steps": 5,
-        "eval_every_steps": 10,
-        "checkpoint_every_steps": 10,
-        "lr.warmup_steps": 2,
-        "model.name": "mlp",
-        "model.width": 8,
-        "distribution.strategy": "default",
-        "dataset.data_dir": data_dir,
-    }
-    return testutil.config_with(**{**small, **fields})
+    return testutil.tiny_run_config(data_dir, **{"total_steps": TOTAL, **fields})
 
 
 class _Trainer:

@@ -24,19 +24,7 @@ WARMUP = 4
 
 
 def _config(data_dir, **fields):
-    small = {
-        "total_steps": 20,
-        "steps_per_loop": 5,
-        "log_every_steps": 5,
-        "eval_every_steps": 10,
-        "checkpoint_every_steps": 10,
-        "lr.warmup_steps": WARMUP,
-        "model.name": "mlp",
-        "model.width": 8,
-        "distribution.strategy": "default",
-        "dataset.data_dir": data_dir,
-    }
-    return testutil.config_with(**{**small, **fields})
+    return testutil.tiny_run_config(data_dir, **{"lr.warmup_steps": WARMUP, **fields})
 
 
 def _cosine(update, total, peak=0.1):
@@ -44,22 +32,6 @@ def _cosine(update, total, peak=0.1):
     if update <= WARMUP:
         return peak * update / WARMUP
     return peak * 0.5 * (1 + np.cos(np.pi * (update - WARMUP) / (total - WARMUP)))
-
-
-class _Crash(Exception):
-    pass
-
-
-def _crash_at(monkeypatch, step):
-    """Makes the run die (like kill -9: no cleanup of its files) when it logs `step`."""
-    write = metrics.MetricWriter.write
-
-    def crashing(self, at, record, kind="train"):
-        if at == step and kind == "train":
-            raise _Crash(step)
-        return write(self, at, record, kind)
-
-    monkeypatch.setattr(metrics.MetricWriter, "write", crashing)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -72,8 +44,8 @@ def test_applied_override_survives_a_crash_before_the_next_checkpoint(
     config = _config(data_dir, total_steps=60, checkpoint_every_steps=50)
     tmp_path.mkdir(exist_ok=True)
     (tmp_path / "lr_override.json").write_text('{"set": 0.01}')  # Applied at step 5.
-    _crash_at(monkeypatch, 30)
-    with pytest.raises(_Crash):
+    testutil.crash_at(monkeypatch, 30)
+    with pytest.raises(testutil.Crash):
         train.train_and_evaluate(config, str(tmp_path))
     monkeypatch.undo()
     assert not (tmp_path / "lr_override.json").exists()

@@ -1,11 +1,9 @@
 """What a run gives back, end to end: export/final at the end, export/best during the run, and
 fine-tuning from another run (weights once, at the fresh start; never again on resume).
 
-In-process runs (`train_and_evaluate`, default strategy, a tiny MLP). These need the trainer to
-call the library (issue #12's integration lines in train.py / run.py); until then they skip.
+In-process runs (`train_and_evaluate`, default strategy, a tiny MLP).
 """
 
-import inspect
 import json
 import os
 import shutil
@@ -17,32 +15,13 @@ import testutil
 from absl import logging as absl_logging
 
 from trainer import checkpointing, export, init_checkpoint, metrics, train
-from trainer import run as run_lib
 
-pytestmark = [
-    pytest.mark.slow,
-    pytest.mark.skipif(
-        "BestKeeper" not in inspect.getsource(train)
-        or "init_checkpoint" not in inspect.getsource(run_lib.Run.restore_or_initialize),
-        reason="the trainer does not call export/best/init_checkpoint yet (issue #12 integration)",
-    ),
-]
+pytestmark = pytest.mark.slow
 
 
 def _config(data_dir, **fields):
-    small = {
-        "total_steps": 30,
-        "steps_per_loop": 5,
-        "log_every_steps": 5,
-        "eval_every_steps": 10,
-        "checkpoint_every_steps": 30,
-        "lr.warmup_steps": 2,
-        "model.name": "mlp",
-        "model.width": 8,
-        "distribution.strategy": "default",
-        "dataset.data_dir": data_dir,
-    }
-    return testutil.config_with(**{**small, **fields})
+    small = {"total_steps": 30, "checkpoint_every_steps": 30}
+    return testutil.tiny_run_config(data_dir, **{**small, **fields})
 
 
 def test_a_run_exports_at_the_end_and_keeps_its_best_eval(tmp_path, data_dir):
@@ -61,26 +40,15 @@ def test_a_run_exports_at_the_end_and_keeps_its_best_eval(tmp_path, data_dir):
     assert tf.train.latest_checkpoint(str(tmp_path / "checkpoints")).endswith("ckpt-30")
 
 
-class _Crash(Exception):
-    pass
-
-
 def test_keeping_the_best_does_not_change_the_run(tmp_path, data_dir, monkeypatch):
     """Exports inside the trainer leave its state and RNG alone: a run that keeps its best, and
     crashes and resumes on the way, ends bit for bit where a plain run does."""
     train.train_and_evaluate(_config(data_dir), str(tmp_path / "plain"))
     with_best = _config(data_dir, best_metric="eval_accuracy", best_mode="max")
-    write = metrics.MetricWriter.write
-
-    def crash_at_25(self, step, record, kind="train"):
-        if step == 25 and kind == "train":
-            raise _Crash(step)  # Like kill -9: after the best of steps 10 and 20 was kept.
-        return write(self, step, record, kind)
-
-    monkeypatch.setattr(metrics.MetricWriter, "write", crash_at_25)
-    with pytest.raises(_Crash):
+    testutil.crash_at(monkeypatch, 25)  # Like kill -9: after the best of steps 10 and 20 was kept.
+    with pytest.raises(testutil.Crash):
         train.train_and_evaluate(with_best, str(tmp_path / "best"))
-    monkeypatch.setattr(metrics.MetricWriter, "write", write)
+    monkeypatch.undo()
     train.train_and_evaluate(with_best, str(tmp_path / "best"))  # Resumes at ckpt-20.
     testutil.assert_bitwise_equal(tmp_path / "plain", tmp_path / "best", 30, has_dropout=False)
 

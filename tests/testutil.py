@@ -37,6 +37,25 @@ def config_with(**fields) -> ml_collections.ConfigDict:
     return config
 
 
+def tiny_run_config(data_dir: str, **fields) -> ml_collections.ConfigDict:
+    """The default config shrunk for an in-process end-to-end run of seconds: a tiny MLP on the
+    default strategy, 20 updates in loops of 5, eval and checkpoint every 10; `fields` as in
+    `config_with` change it further."""
+    small = {
+        "total_steps": 20,
+        "steps_per_loop": 5,
+        "log_every_steps": 5,
+        "eval_every_steps": 10,
+        "checkpoint_every_steps": 10,
+        "lr.warmup_steps": 2,
+        "model.name": "mlp",
+        "model.width": 8,
+        "distribution.strategy": "default",
+        "dataset.data_dir": data_dir,
+    }
+    return config_with(**{**small, **fields})
+
+
 def mirrored(num_replicas: int) -> tf.distribute.Strategy:
     """Mirrored over the first `num_replicas` logical CPUs (the CPU stand-in for GPUs/TPUs).
 
@@ -158,6 +177,23 @@ def wait_for_step(workdir, step: int, process: subprocess.Popen, timeout: float 
         assert process.poll() is None, process.stderr.read()[-3000:]
         time.sleep(0.05)
     raise TimeoutError(f"step {step} not reached")
+
+
+class Crash(Exception):
+    """Raised by `crash_at` from inside a run."""
+
+
+def crash_at(monkeypatch, step: int) -> None:
+    """Makes an in-process run die (like kill -9: no cleanup of its files) when it logs the
+    train record of `step`; `monkeypatch.undo()` lets the next run live."""
+    write = metrics.MetricWriter.write
+
+    def crashing(self, at, record, kind="train"):
+        if at == step and kind == "train":
+            raise Crash(step)
+        return write(self, at, record, kind)
+
+    monkeypatch.setattr(metrics.MetricWriter, "write", crashing)
 
 
 def checkpoint_values(workdir, step: int) -> dict[str, np.ndarray]:

@@ -1,6 +1,7 @@
 """The best eval so far: its checkpoint and export kept in WORKDIR/export/best/, across resumes.
 
-`best_metric` (an eval metric, "" = off) and `best_mode` (max | min) choose what "best" means.
+`best_metric` (an eval metric, "" = off; with an EMA of the weights, an `ema_` one, since the
+exports hold the averages) and `best_mode` (max | min) choose what "best" means.
 After an eval whose checkpoint is written, `BestKeeper.update` compares the metric with the best
 so far and, if it is strictly better, replaces WORKDIR/export/best/ whole:
 
@@ -28,7 +29,7 @@ from trainer import checkpointing, export, loop
 from trainer.errors import ConfigError
 
 MODES = ("max", "min")
-# Which direction is better for the eval metrics whose meaning is known.
+# Which direction is better for each eval metric (the same for its EMA twin).
 _BETTER = {"eval_loss": "min", "eval_accuracy": "max"}
 BEST_FILE = "best.json"
 
@@ -42,17 +43,24 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     metric, mode = config.best_metric, config.best_mode
     if not metric:
         return
-    if metric not in loop.EVAL_METRICS:
+    with_ema = config.ema_decay > 0
+    names = loop.eval_metric_names(with_ema)
+    if metric not in names:
         raise ConfigError(
-            f"best_metric ({metric!r}) is not an eval metric; use one of "
-            f"{', '.join(loop.EVAL_METRICS)}, or '' to keep no best checkpoint"
+            f"best_metric ({metric!r}) is not an eval metric of this run; use one of "
+            f"{', '.join(names)}, or '' to keep no best checkpoint"
+        )
+    if with_ema and not metric.startswith(loop.EMA_PREFIX):
+        raise ConfigError(
+            f"best_metric ({metric!r}) judges the raw weights, but with ema_decay > 0 exports "
+            f"hold the averaged ones; use --config.best_metric={loop.EMA_PREFIX}{metric}"
         )
     if mode not in MODES:
         raise ConfigError(f"best_mode ({mode!r}) is not one of {', '.join(MODES)}")
-    if metric in _BETTER and mode != _BETTER[metric]:
+    better = _BETTER[metric.removeprefix(loop.EMA_PREFIX)]
+    if mode != better:
         raise ConfigError(
-            f"best_mode ({mode!r}) would keep the worst {metric}; use "
-            f"--config.best_mode={_BETTER[metric]}"
+            f"best_mode ({mode!r}) would keep the worst {metric}; use --config.best_mode={better}"
         )
 
 

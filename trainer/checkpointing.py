@@ -44,6 +44,8 @@ class Manifest:
     # None in manifests written before these were recorded (then read from the dataset's info).
     input_shape: list[int] | None = None
     num_classes: int | None = None
+    # Whether it holds an EMA of the weights (ema_decay > 0; trainer/ema.py) under "ema".
+    weight_ema: bool = False
 
     def incompatibility(self, other: "Manifest") -> str | None:
         """Says what differs in a way that cannot be restored, or None."""
@@ -60,6 +62,8 @@ class Manifest:
             )
         if self.optimizer != other.optimizer:
             return f"optimizer '{self.optimizer}' vs this run's '{other.optimizer}'"
+        if other.weight_ema and not self.weight_ema:  # The other way round, the EMA is dropped.
+            return "a run without an EMA of the weights (ema_decay 0) vs this run's ema_decay > 0"
         return None
 
 

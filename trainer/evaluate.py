@@ -4,8 +4,9 @@
   python -m trainer.evaluate --workdir=DIR --watch [--timeout=S]  # each new one, as it appears
 
 The run's config comes from the checkpoint's manifest; set-up, state, eval loop and restore are
-the trainer's own (`setup.prepare`, `state.build_state`, `loop.make_eval_loop`,
-`Checkpointer.restore`), so the numbers are the trainer's eval numbers. Read-only towards the run:
+the trainer's own (`setup.prepare`, `state.build_state`, `loop.make_eval_loop`, `loop.evaluate`,
+`Checkpointer.restore`), so the numbers are the trainer's eval numbers (with the `ema_` ones of
+a run that keeps an EMA of the weights). Read-only towards the run:
 it takes no lock and never writes a checkpoint. It writes WORKDIR/eval.jsonl (one record per
 evaluated checkpoint) and TensorBoard events in WORKDIR/tensorboard/eval_standalone.
 
@@ -95,8 +96,7 @@ class Evaluator:
         if not self._built:
             self._build(checkpointing.read_manifest(os.path.join(self.directory, f"ckpt-{step}")))
         manifest = self.checkpointer.restore(step, state_lib.manifest(self.setup, self.state))
-        outputs = self.eval_loop(iter(self.eval_dataset), tf.constant(self.eval_steps))
-        metrics = {k: float(v.numpy()) for k, v in outputs.items()}
+        metrics = loop.evaluate(self.eval_loop, self.eval_dataset, self.eval_steps, self.state.ema)
         self._record(manifest, metrics)
         return metrics
 

@@ -36,7 +36,7 @@ import tensorflow as tf  # noqa: E402
 import tensorflow_datasets as tfds  # noqa: E402
 from absl import flags, logging  # noqa: E402
 
-from trainer import checkpointing, models, preprocessing  # noqa: E402
+from trainer import checkpointing, ema, models, preprocessing  # noqa: E402
 from trainer.errors import UserError  # noqa: E402
 
 SAVED_MODEL_SIGNATURES = ("serving_default", "serve_image")
@@ -78,7 +78,11 @@ def _global_rng_kept() -> Iterator[None]:
 
 
 def load_model(prefix: str, manifest: checkpointing.Manifest) -> keras.Model:
-    """Rebuilds the checkpoint's model (no strategy) and reads its weights, nothing else.
+    """Rebuilds the checkpoint's model (no strategy) and reads the weights the run gives back.
+
+    Those are the EMA of the trainable weights when the run kept one (ema_decay > 0; BatchNorm
+    statistics are the model's own, see trainer/ema.py), else the weights themselves. Nothing
+    else is read.
 
     Raises:
       CheckpointError: the checkpoint does not hold every weight of the rebuilt model.
@@ -87,7 +91,10 @@ def load_model(prefix: str, manifest: checkpointing.Manifest) -> keras.Model:
     input_shape, num_classes = model_inputs(manifest)
     with _global_rng_kept():
         model = models.build_model(config.model, input_shape, num_classes, seed=config.seed)
-    status = tf.train.Checkpoint(model=model).read(prefix).expect_partial()
+    # Any decay will do: the averages are read, never updated, here.
+    average = ema.WeightEMA(model, decay=0.0) if manifest.weight_ema else None
+    parts = {"model": model, **({} if average is None else {"ema": average.checkpointed})}
+    status = tf.train.Checkpoint(**parts).read(prefix).expect_partial()
     try:
         status.assert_existing_objects_matched()
     except AssertionError as error:
@@ -95,6 +102,8 @@ def load_model(prefix: str, manifest: checkpointing.Manifest) -> keras.Model:
             f"{prefix} does not hold the weights of the model its manifest describes "
             f"({str(error).splitlines()[0]})"
         ) from error
+    if average is not None:
+        average.swap()  # The model now holds the averages (its raw weights are dropped).
     return model
 
 
@@ -203,6 +212,7 @@ def export_checkpoint(
     dataset = ml_collections.ConfigDict(manifest.config["dataset"])
     info = {
         "checkpoint": prefix,
+        "weights": "ema" if manifest.weight_ema else "raw",  # EMA: the averaged weights.
         "step": manifest.step,
         "examples_seen": manifest.examples_seen,
         "model": manifest.model,
@@ -235,9 +245,8 @@ def export_run(workdir: str, step: int | None = None) -> str:
     return export_checkpoint(prefix, manifest, export_directory(workdir, name))
 
 
-def main(argv: list[str]) -> None:
-    del argv
-    directory = export_run(flags.FLAGS.workdir, flags.FLAGS.step)
+def log_export(directory: str) -> None:
+    """One console line: which step went where, with what signatures."""
     info = read_info(directory)
     logging.info(
         "export | step: %d | wrote %s | %s | model.keras",
@@ -245,6 +254,11 @@ def main(argv: list[str]) -> None:
         directory,
         " | ".join(f"{name}: {text}" for name, text in info["signatures"].items()),
     )
+
+
+def main(argv: list[str]) -> None:
+    del argv
+    log_export(export_run(flags.FLAGS.workdir, flags.FLAGS.step))
 
 
 if __name__ == "__main__":

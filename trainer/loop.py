@@ -11,9 +11,21 @@ from collections.abc import Callable
 import keras
 import tensorflow as tf
 
+from trainer.ema import WeightEMA
+
 SUM = tf.distribute.ReduceOp.SUM
 # What `eval_loop` returns, in order; `lr.plateau_metric` must be one (checked at start-up).
 EVAL_METRICS = ("eval_loss", "eval_accuracy")
+# With an EMA of the weights (ema_decay > 0) eval also runs on the averages: the same metrics,
+# with this prefix (`evaluate`).
+EMA_PREFIX = "ema_"
+
+
+def eval_metric_names(with_ema: bool) -> tuple[str, ...]:
+    """The metrics an eval logs: `EVAL_METRICS`, and their EMA twins when an EMA is kept."""
+    return EVAL_METRICS + (tuple(EMA_PREFIX + m for m in EVAL_METRICS) if with_ema else ())
+
+
 # The columns of the per-update `steps` matrix `train_loop` returns, all global (the same on
 # every replica): the loss over the global batch; the L2 norm of the all-reduced gradient (before
 # clipping); the L2 norm of the weights before the update; the L2 norm of the change the update
@@ -98,6 +110,7 @@ def make_train_loop(
     grad_clip_norm: float = 0.0,
     guard: SpikeGuard | None = None,
     jit_compile: bool = False,
+    ema: WeightEMA | None = None,
 ) -> Callable[[object, tf.Tensor], dict[str, tf.Tensor]]:
     """Returns `train_loop(iterator, num_steps)` -> mean loss/accuracy, the last applied LR and
     `steps`, the `[num_steps, len(SIGNALS)]` per-update signals.
@@ -112,6 +125,7 @@ def make_train_loop(
     the update: under MirroredStrategy TF cannot compile them (a compiled function around
     `strategy.run` reads variables across devices; `apply_gradients` inside one needs a
     cross-replica synchronization point), so they stay in the graph around it.
+    With an `ema`, its averages move after every applied update (not after a skipped one).
     """
     variables = model.trainable_variables
 
@@ -189,6 +203,8 @@ def make_train_loop(
 
         def apply_update() -> tf.Tensor:
             strategy.run(apply, args=(grads,))
+            if ema is not None:  # Reads the new weights (ordered after the update by the graph).
+                ema.update()
             return tf.constant(1.0)
 
         def skip_update() -> tf.Tensor:
@@ -264,3 +280,26 @@ def make_eval_loop(
         return dict(zip(EVAL_METRICS, (loss_sum / count, correct_sum / count), strict=True))
 
     return eval_loop
+
+
+def evaluate(
+    eval_loop: Callable[[object, tf.Tensor], dict[str, tf.Tensor]],
+    dataset: tf.distribute.DistributedDataset,
+    num_steps: int,
+    ema: WeightEMA | None = None,
+) -> dict[str, float]:
+    """One eval pass over `dataset`; with an `ema`, a second pass on the averaged weights.
+
+    Returns the `eval_metric_names(ema is not None)` as floats (a host sync). The EMA pass
+    doubles the eval's cost; the raw weights are back, bit for bit, when it returns.
+    """
+
+    def one_pass() -> dict[str, float]:
+        outputs = eval_loop(iter(dataset), tf.constant(num_steps))
+        return {name: float(value.numpy()) for name, value in outputs.items()}
+
+    metrics = one_pass()
+    if ema is not None:
+        with ema.applied():
+            metrics.update({EMA_PREFIX + name: value for name, value in one_pass().items()})
+    return metrics

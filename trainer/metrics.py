@@ -38,6 +38,14 @@ TAGS = {
         "metrics/accuracy",
         "Eval top-1 accuracy over the whole eval split; fraction.",
     ),
+    "ema_eval_loss": (
+        "metrics/ema_loss",
+        "Eval loss of the EMA of the weights (ema_decay), over the whole eval split; nats.",
+    ),
+    "ema_eval_accuracy": (
+        "metrics/ema_accuracy",
+        "Eval top-1 accuracy of the EMA of the weights (ema_decay), whole eval split; fraction.",
+    ),
     "learning_rate": (
         "lr/learning_rate",
         "The LR the optimizer applied in each update, read inside that update; global (the same "

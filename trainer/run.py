@@ -11,7 +11,15 @@ import ml_collections
 import tensorflow as tf
 from absl import logging
 
-from trainer import checkpointing, health, learning_rate, lr_control, lr_override, metrics
+from trainer import (
+    checkpointing,
+    health,
+    init_checkpoint,
+    learning_rate,
+    lr_control,
+    lr_override,
+    metrics,
+)
 from trainer import state as state_lib
 from trainer.errors import ConfigError, UserError
 from trainer.setup import Setup
@@ -100,6 +108,10 @@ class Run:
     def restore_or_initialize(self) -> None:
         """Resumes from the newest readable checkpoint, or writes ckpt-0 for a fresh run.
 
+        A fresh run first loads `init_checkpoint`'s model weights, if set (fine-tuning): ckpt-0
+        then holds them, so a resume restores the run's own checkpoints and never reads that
+        source again (it may be gone by then). Optimizer slots, step and LR state start fresh.
+
         What happens on resume: (1) model, optimizer slots and step, LR state, input position
         and dropout RNG come back; (2) the schedule is aligned with this run's plan (see
         `_align_schedule`); (3) training continues from `examples_seen` in the data stream.
@@ -107,6 +119,10 @@ class Run:
         restored = self.checkpointer.restore_latest(self.manifest())
         if restored is None:
             _refuse_fresh_start_over_history(self.workdir)
+            if self.config.init_checkpoint:
+                init_checkpoint.load(self.state.model, self.config)
+                if self.state.ema is not None:  # Averages start at the loaded weights.
+                    self.state.ema.reset()
             self.save()  # What NaN recovery returns to.
             return
         self._config_changes = _config_changes(restored.config, self.config)

@@ -1,4 +1,5 @@
-"""The checkpointed state of a run: model, optimizer (owning the LR), LR state, input position."""
+"""The checkpointed state of a run: model, optimizer (owning the LR), LR state, input position,
+and the EMA of the weights when one is kept."""
 
 import dataclasses
 import json
@@ -8,6 +9,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from trainer import checkpointing, learning_rate, loop, models, optimizers, precision
+from trainer import ema as ema_lib
 from trainer.setup import Setup
 
 
@@ -20,6 +22,7 @@ class TrainState:
     schedule: learning_rate.ControlledSchedule  # What the optimizer calls for every update's LR.
     examples_seen: tf.Variable  # The input position: the stream resumes exactly here.
     guard: loop.SpikeGuard  # The running loss/gradient-norm statistics a skip decision reads.
+    ema: ema_lib.WeightEMA | None  # The averaged weights (ema_decay > 0), else None.
     checkpoint: tf.train.Checkpoint
 
     @property
@@ -66,6 +69,7 @@ def build_state(
             min_history=health.min_history,
             skip=health.action == "skip",
         )
+        ema = ema_lib.from_config(config.ema_decay, model)
     examples_seen = tf.Variable(0, dtype=tf.int64, trainable=False, name="examples_seen")
     checkpoint = tf.train.Checkpoint(
         model=model,
@@ -74,8 +78,9 @@ def build_state(
         examples_seen=examples_seen,
         rng=checkpointing.seed_generator_states(model),
         health=guard,
+        **({} if ema is None else {"ema": ema.checkpointed}),
     )
-    return TrainState(model, optimizer, schedule, examples_seen, guard, checkpoint)
+    return TrainState(model, optimizer, schedule, examples_seen, guard, ema, checkpoint)
 
 
 def manifest(setup: Setup, state: TrainState) -> checkpointing.Manifest:
@@ -89,6 +94,9 @@ def manifest(setup: Setup, state: TrainState) -> checkpointing.Manifest:
         optimizer=config.optimizer.name,
         plan=dataclasses.asdict(setup.plan),
         config=json.loads(config.to_json_best_effort()),
+        input_shape=list(setup.input_shape),
+        num_classes=setup.num_classes,
+        weight_ema=state.ema is not None,
         versions={
             "tensorflow": tf.__version__,
             "keras": keras.__version__,

@@ -8,8 +8,9 @@ import ml_collections
 import numpy as np
 import tensorflow as tf
 
-from trainer import health, loop, lr_override, metrics, preemption, workdir_lock
+from trainer import export, health, loop, lr_override, metrics, preemption, profiling, workdir_lock
 from trainer import setup as setup_lib
+from trainer.best import BestKeeper
 from trainer.health import report
 from trainer.run import Run
 
@@ -33,12 +34,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         lock = workdir_lock.WorkdirLock(workdir) if setup.topology.is_chief else nullcontext()
         with lock:
             # 3. Model, optimizer (owning the LR) and the rest of the state, under the strategy;
-            # 4. restored from the newest complete checkpoint, or a fresh ckpt-0: never a silent
-            #    fresh start (see Run.restore_or_initialize).
+            # 4. restored from the newest complete checkpoint, or a fresh ckpt-0 (with
+            #    init_checkpoint's weights when fine-tuning): never a silent fresh start (see
+            #    Run.restore_or_initialize).
             run = Run.start(setup, workdir)
+            profiler = profiling.StepProfiler.from_config(
+                workdir, config, is_chief=setup.topology.is_chief
+            )
             try:
-                return _train(run, signals)
+                return _train(run, signals, profiler)
             finally:
+                profiler.stop()  # A run stopped inside profile_steps still writes its profile.
                 run.writer.close()
 
 
@@ -80,10 +86,14 @@ def _next_stop(plan_step: int, config: ml_collections.ConfigDict, total: int, mi
         stops.append((plan_step // every + 1) * every)
     if milestone is not None and milestone > plan_step:
         stops.append(milestone)
+    # The profiler starts and stops at loop boundaries: these make them the requested steps.
+    stops.extend(step for step in config.profile_steps if step > plan_step)
     return min(stops)
 
 
-def _train(run: Run, signals: preemption.SignalWatcher) -> dict[str, float]:
+def _train(
+    run: Run, signals: preemption.SignalWatcher, profiler: profiling.StepProfiler
+) -> dict[str, float]:
     setup, config, plan, state = run.setup, run.config, run.plan, run.state
     # 5. The compiled inner loops and both inputs, built once (the train input is rebuilt only
     #    when a NaN recovery moves the input position back).
@@ -96,19 +106,21 @@ def _train(run: Run, signals: preemption.SignalWatcher) -> dict[str, float]:
         grad_clip_norm=config.optimizer.grad_clip_norm,
         guard=state.guard,
         jit_compile=config.jit_compile,
+        ema=state.ema,
     )
     eval_loop = loop.make_eval_loop(strategy=setup.strategy, model=state.model)
     train_iterator = setup.train_iterator(run.examples_seen)
     eval_dataset, eval_steps = setup.eval_input()
 
-    def evaluate() -> dict[str, float]:
-        outputs = eval_loop(iter(eval_dataset), tf.constant(eval_steps))
-        return {k: float(v.numpy()) for k, v in outputs.items()}
+    def evaluate() -> dict[str, float]:  # Raw weights, and the EMA's when one is kept.
+        return loop.evaluate(eval_loop, eval_dataset, eval_steps, state.ema)
 
     window = _Window()
     eval_metrics: dict[str, float] = {}
     num_workers = setup.topology.num_workers
     monitor = _monitor(run)
+    # The best eval's checkpoint and export (export/best); file work, so the chief's alone.
+    best = BestKeeper.from_config(run.workdir, config) if setup.topology.is_chief else None
     # 6. The outer loop: an inner loop of steps in one tf.function, then host-side work. A signal
     #    received at any time (also during set-up or restore) stops it at the next boundary.
     while run.plan_step < plan.total_steps:
@@ -120,8 +132,9 @@ def _train(run: Run, signals: preemption.SignalWatcher) -> dict[str, float]:
         stop = _next_stop(plan_step, config, plan.total_steps, run.controller.next_milestone())
         num_steps = stop - plan_step
         started = time.monotonic()
-        outputs = train_loop(train_iterator, tf.constant(num_steps))
-        outputs = {k: v.numpy() for k, v in outputs.items()}  # The one host sync.
+        with profiler.inner_loop(plan_step, num_steps):  # A profiler step, in profile_steps.
+            outputs = train_loop(train_iterator, tf.constant(num_steps))
+            outputs = {k: v.numpy() for k, v in outputs.items()}  # The one host sync.
         seconds = time.monotonic() - started
         state.examples_seen.assign_add(num_steps * plan.global_batch_size)
 
@@ -162,7 +175,8 @@ def _train(run: Run, signals: preemption.SignalWatcher) -> dict[str, float]:
             window = _Window()
         run.log_events(events)
 
-        if plan_step % config.eval_every_steps == 0 or done:
+        evaluated = plan_step % config.eval_every_steps == 0 or done
+        if evaluated:
             eval_metrics = evaluate()
             run.writer.write(run.step, eval_metrics, kind="eval")
             run.log_events(run.controller.on_eval(run.step, eval_metrics))
@@ -170,11 +184,20 @@ def _train(run: Run, signals: preemption.SignalWatcher) -> dict[str, float]:
         # Multi-worker: the override file is not broadcast yet (BUILD_NOTES, limits).
         override_events, overridden = ([], False) if num_workers > 1 else run.take_lr_override()
         run.log_events(override_events)
-        if plan_step % config.checkpoint_every_steps == 0 or done or overridden:
+        # With best_metric every eval is checkpointed (on every worker alike: a multi-worker
+        # save is collective), so the best eval's checkpoint exists to be kept.
+        keeps_best = evaluated and bool(config.best_metric)
+        if plan_step % config.checkpoint_every_steps == 0 or done or overridden or keeps_best:
             run.save()
         if overridden:  # Only now is the change durable: the file may leave the queue.
             lr_override.mark_applied(run.workdir, run.step)
+        if keeps_best and best is not None:
+            best.update(run.step, eval_metrics)
+    # 7. What the run gives back (chief only): the last checkpoint as a model to serve
+    #    (export/final), and the health report.
     if setup.topology.is_chief:
+        if config.export_at_end:
+            export.log_export(export.export_run(run.workdir))
         report.write(run.workdir)  # health.json, health.png and a console summary.
     return eval_metrics
 

@@ -9,7 +9,7 @@ import numbers
 
 import ml_collections
 
-from trainer import learning_rate, loop, models, optimizers
+from trainer import best, ema, init_checkpoint, learning_rate, loop, models, optimizers, profiling
 from trainer.errors import ConfigError
 
 UNITS = ("steps", "epochs", "examples")
@@ -112,13 +112,14 @@ def _check_in_range(
         raise ConfigError(f"{field} ({value}) must be in {bounds}; {hint}")
 
 
-def _check_plateau_metric(lr: ml_collections.ConfigDict) -> None:
+def _check_plateau_metric(config: ml_collections.ConfigDict) -> None:
     """Checked here, not at the first eval (possibly hours in), against what eval returns."""
-    metric = lr.plateau_metric
-    if metric and metric not in loop.EVAL_METRICS:
+    metric = config.lr.plateau_metric
+    names = loop.eval_metric_names(with_ema=config.ema_decay > 0)
+    if metric and metric not in names:
         raise ConfigError(
-            f"lr.plateau_metric ({metric!r}) is not an eval metric; use one of "
-            f"{', '.join(loop.EVAL_METRICS)}, or '' for no reduce-on-plateau"
+            f"lr.plateau_metric ({metric!r}) is not an eval metric of this run; use one of "
+            f"{', '.join(names)}, or '' for no reduce-on-plateau"
         )
 
 
@@ -157,9 +158,13 @@ def check_config(config: ml_collections.ConfigDict) -> None:
             "first NaN"
         )
     learning_rate.check_config(config.lr)
-    _check_plateau_metric(config.lr)
+    ema.check_config(config.ema_decay)
+    _check_plateau_metric(config)
     optimizers.check_config(config.optimizer)
     models.check_config(config.model)
+    best.check_config(config)
+    init_checkpoint.check_config(config)
+    profiling.check_config(config.profile_steps)
 
 
 def make_plan(
@@ -181,6 +186,7 @@ def make_plan(
     warmup_steps = _duration(config.lr, "warmup", facts)
     if total_steps <= 0:
         raise ConfigError(f"the run is {total_steps} steps long; raise total_steps/total_epochs")
+    profiling.check_config(config.profile_steps, total_steps)
     lr = config.lr
     boundaries = tuple(
         _to_steps(b, lr.boundaries_unit, "lr.boundaries", facts) for b in lr.boundaries
