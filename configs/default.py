@@ -64,6 +64,17 @@ def get_config() -> ml_collections.ConfigDict:
     # GPU or TPU it cannot see (the wrong install; the error names the right one). cpu: train on
     # the CPU on purpose (GPUs hidden from TensorFlow).
     config.distribution.devices = "auto"
+    # multi_worker only. Seconds any one collective (all-reduce, broadcast) may wait for the
+    # other workers before the run fails with a message; 0 = wait forever. Catches a worker
+    # that is alive (heartbeats still flowing) but stuck. Must exceed the longest gap between
+    # collectives: first-loop compile, eval, checkpoint save. TF costs one thread per collective.
+    config.distribution.collective_timeout_seconds = 0.0
+    # multi_worker only. Seconds without a heartbeat from a worker (frozen, host gone) before
+    # TF's coordination service fails the job on every worker; 0 = TF's default (~10 s).
+    config.distribution.heartbeat_timeout_seconds = 0.0
+    # multi_worker only: auto | ring | nccl. How collectives run across workers; nccl for GPUs
+    # (CPU tensors fall back to ring). mirrored on one host picks NCCL by itself.
+    config.distribution.all_reduce = "auto"
 
     config.dataset = ml_collections.ConfigDict()
     # A TFDS name. tfscale_shapes (32x32, in memory) and tfscale_shapes_variable (32..96 px, read
