@@ -182,4 +182,13 @@ def get_config() -> ml_collections.ConfigDict:
     config.health.rollback_lr_factor = 0.5  # rollback: the LR is multiplied by this...
     config.health.max_rollbacks = 3  # ...at most this many times per process, then it stops.
 
+    # A hung train/eval loop or checkpoint save (trainer/watchdog.py): the stacks of all threads
+    # go to the log when one runs longer than max(factor x its recent median, floor_seconds)
+    # (factor x floor_seconds for the first, which compiles), again every repeat_seconds while
+    # stuck. It only reports: the distribution.*_timeout_seconds fields end a hung run.
+    config.watchdog = ml_collections.ConfigDict()
+    config.watchdog.factor = 10.0  # 0 = no watchdog.
+    config.watchdog.floor_seconds = 60.0  # At least 1 (it looks once a second).
+    config.watchdog.repeat_seconds = 300.0
+
     return config

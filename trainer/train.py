@@ -8,7 +8,16 @@ import ml_collections
 import numpy as np
 import tensorflow as tf
 
-from trainer import health, loop, lr_override, metrics, preemption, workdir_lock
+from trainer import (
+    health,
+    loop,
+    lost_worker,
+    lr_override,
+    metrics,
+    preemption,
+    watchdog,
+    workdir_lock,
+)
 from trainer import setup as setup_lib
 from trainer.health import report
 from trainer.run import Run
@@ -18,13 +27,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     """Trains and evaluates the model described by `config`, checkpointing into `workdir`.
 
     Returns the final eval metrics. Raises `preemption.Preempted` after checkpointing when the
-    process received SIGTERM/SIGINT (the command line turns it into exit code 42).
+    process received SIGTERM/SIGINT (the command line turns it into exit code 42), and
+    `lost_worker.LostWorker` on a multi-worker run that lost another worker (exit code 43).
     """
     with preemption.watching() as signals:  # From here on a signal means "stop, exit 42".
         # 1. Strategy, data and the plan: every derived number, computed and logged once. Every
         #    user error is raised here, before anything is written.
         setup = setup_lib.prepare(config)
         health.check_config(config.health)
+        watchdog.check_config(config.watchdog)
         signals.take_back_handlers()
         if signals.received:
             raise preemption.Preempted(None)
@@ -37,9 +48,27 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             #    fresh start (see Run.restore_or_initialize).
             run = Run.start(setup, workdir)
             try:
-                return _train(run, signals)
+                with watchdog.Watchdog.from_config(config.watchdog) as timer:
+                    return _train(run, signals, timer)
+            except lost_worker.LOST_CONTACT_ERRORS as error:
+                if setup.topology.num_workers == 1:
+                    raise
+                raise _lost_worker(run, error) from error
             finally:
                 run.writer.close()
+
+
+def _lost_worker(run: Run, error: tf.errors.OpError) -> lost_worker.LostWorker:
+    """What a surviving worker says when a collective failed because another worker is gone."""
+    resolver = run.setup.strategy.cluster_resolver
+    complete = run.checkpointer.complete_steps()
+    return lost_worker.from_error(
+        error,
+        own_task=(resolver.task_type, resolver.task_id),
+        step=run.step,
+        last_checkpoint=complete[0] if complete else None,
+        collective_timeout_seconds=run.config.distribution.collective_timeout_seconds,
+    )
 
 
 @dataclasses.dataclass
@@ -83,7 +112,9 @@ def _next_stop(plan_step: int, config: ml_collections.ConfigDict, total: int, mi
     return min(stops)
 
 
-def _train(run: Run, signals: preemption.SignalWatcher) -> dict[str, float]:
+def _train(
+    run: Run, signals: preemption.SignalWatcher, timer: watchdog.Watchdog
+) -> dict[str, float]:
     setup, config, plan, state = run.setup, run.config, run.plan, run.state
     # 5. The compiled inner loops and both inputs, built once (the train input is rebuilt only
     #    when a NaN recovery moves the input position back).
@@ -101,8 +132,13 @@ def _train(run: Run, signals: preemption.SignalWatcher) -> dict[str, float]:
     eval_dataset, eval_steps = setup.eval_input()
 
     def evaluate() -> dict[str, float]:
-        outputs = eval_loop(iter(eval_dataset), tf.constant(eval_steps))
-        return {k: float(v.numpy()) for k, v in outputs.items()}
+        with timer.watch("eval loop", run.step):
+            outputs = eval_loop(iter(eval_dataset), tf.constant(eval_steps))
+            return {k: float(v.numpy()) for k, v in outputs.items()}
+
+    def save() -> None:
+        with timer.watch("checkpoint save", run.step):
+            run.save()
 
     window = _Window()
     eval_metrics: dict[str, float] = {}
@@ -113,14 +149,15 @@ def _train(run: Run, signals: preemption.SignalWatcher) -> dict[str, float]:
     while run.plan_step < plan.total_steps:
         if signals.should_stop(setup.strategy, num_workers):
             if run.last_saved_step != run.step:
-                run.save()
+                save()
             raise preemption.Preempted(run.step)
         plan_step = run.plan_step
         stop = _next_stop(plan_step, config, plan.total_steps, run.controller.next_milestone())
         num_steps = stop - plan_step
         started = time.monotonic()
-        outputs = train_loop(train_iterator, tf.constant(num_steps))
-        outputs = {k: v.numpy() for k, v in outputs.items()}  # The one host sync.
+        with timer.watch("train loop", run.step):
+            outputs = train_loop(train_iterator, tf.constant(num_steps))
+            outputs = {k: v.numpy() for k, v in outputs.items()}  # The one host sync.
         seconds = time.monotonic() - started
         state.examples_seen.assign_add(num_steps * plan.global_batch_size)
 
@@ -170,7 +207,7 @@ def _train(run: Run, signals: preemption.SignalWatcher) -> dict[str, float]:
         override_events, overridden = ([], False) if num_workers > 1 else run.take_lr_override()
         run.log_events(override_events)
         if plan_step % config.checkpoint_every_steps == 0 or done or overridden:
-            run.save()
+            save()
         if overridden:  # Only now is the change durable: the file may leave the queue.
             lr_override.mark_applied(run.workdir, run.step)
     if setup.topology.is_chief:
