@@ -27,11 +27,11 @@ RUN = (
 )
 
 
-def launch(workdir, data_dir) -> subprocess.Popen:
+def launch(workdir, data_dir, *overrides: str) -> subprocess.Popen:
     command = [
         "launch/multi_worker_local.sh",
         "2",
-        *testutil.main_flags(workdir, *RUN, data_dir=data_dir),
+        *testutil.main_flags(workdir, *RUN, *overrides, data_dir=data_dir),
     ]
     return subprocess.Popen(
         command,
@@ -261,3 +261,40 @@ def test_a_killed_worker_ends_the_other_with_43_naming_it_and_a_relaunch_resumes
     assert relaunch.returncode == 0, stderr[-3000:]
     assert stderr.count("resumed at step 15") == 2
     assert_bitwise_equal(straight[0], tmp_path, step=30, has_dropout=False)
+
+
+def test_override_file_is_applied_by_every_worker_at_the_same_step(straight, tmp_path, data_dir):
+    """The chief reads lr_override.json and broadcasts it. Reference: the same LR change made by
+    a milestone, which every worker applies from its own config. Had the non-chief kept the old
+    LR, its weights, hence the all-reduced gradients and the chief's weights, would differ."""
+    overridden, milestone = tmp_path / "overridden", tmp_path / "milestone"
+    overridden.mkdir()
+    (overridden / "lr_override.json").write_text('{"multiply": 0.5}')  # Read at step 5.
+    process = launch(overridden, data_dir)
+    _, stderr = process.communicate(timeout=600)
+    assert process.returncode == 0, stderr[-3000:]
+    applied = [line for line in stderr.splitlines() if line.startswith("worker ")]
+    assert all("manual override" in line for line in applied)
+    assert sorted(line.split(":", 1)[0] for line in applied) == ["worker 0", "worker 1"]
+    assert len({line.split(":", 1)[1] for line in applied}) == 1  # The same event, same step.
+    assert (overridden / "lr_override.applied-5.json").exists()  # Renamed once, by the chief.
+    assert not (overridden / "lr_override.json").exists()
+    halved = [(s, lr / 2) if s > 5 else (s, lr) for s, lr in logged(straight[0], "learning_rate")]
+    np.testing.assert_allclose(
+        [lr for _, lr in logged(overridden, "learning_rate")], [lr for _, lr in halved], rtol=1e-6
+    )
+
+    process = launch(
+        milestone,
+        data_dir,
+        "--config.lr.milestones=(5,)",
+        "--config.lr.milestones_unit=steps",
+        "--config.lr.milestone_values=(0.5,)",
+    )
+    _, stderr = process.communicate(timeout=600)
+    assert process.returncode == 0, stderr[-3000:]
+    a, b = testutil.checkpoint_values(overridden, 30), testutil.checkpoint_values(milestone, 30)
+    assert a.keys() == b.keys()
+    for name in a:
+        if "milestones_done" not in name:  # 1 after the milestone, 0 after the override.
+            np.testing.assert_array_equal(a[name], b[name], err_msg=name)

@@ -203,12 +203,12 @@ def _train(
             run.writer.write(run.step, eval_metrics, kind="eval")
             run.log_events(run.controller.on_eval(run.step, eval_metrics))
 
-        # Multi-worker: the override file is not broadcast yet (BUILD_NOTES, limits).
-        override_events, overridden = ([], False) if num_workers > 1 else run.take_lr_override()
+        # The chief reads the override file and, on multi-worker runs, broadcasts it.
+        override_events, overridden = run.take_lr_override()
         run.log_events(override_events)
         if plan_step % config.checkpoint_every_steps == 0 or done or overridden:
             save()
-        if overridden:  # Only now is the change durable: the file may leave the queue.
+        if overridden and setup.topology.is_chief:  # Durable now: the file may leave the queue.
             lr_override.mark_applied(run.workdir, run.step)
     if setup.topology.is_chief:
         report.write(run.workdir)  # health.json, health.png and a console summary.
