@@ -298,3 +298,32 @@ def test_override_file_is_applied_by_every_worker_at_the_same_step(straight, tmp
     for name in a:
         if "milestones_done" not in name:  # 1 after the milestone, 0 after the override.
             np.testing.assert_array_equal(a[name], b[name], err_msg=name)
+
+
+def test_a_worker_stuck_past_the_collective_timeout_ends_the_other_with_43(tmp_path, data_dir):
+    """Worker 1 stalls 60 s in its host code (alive: heartbeats flow, so only the collective
+    timeout can end the wait); the chief gives up after 10 s in its collective."""
+    hosts = [f"127.0.0.1:{port}" for port in free_ports(2)]
+    timeout = "--config.distribution.collective_timeout_seconds=10"
+    chief = start_worker(0, hosts, tmp_path, data_dir, "trainer.main", timeout)
+    stalled = start_worker(
+        1,
+        hosts,
+        tmp_path,
+        data_dir,
+        "stall_injection",
+        timeout,
+        "--stall_at_call=4",
+        "--stall_seconds=60",
+    )
+    try:
+        _, stderr = chief.communicate(timeout=300)
+    finally:
+        for worker in (chief, stalled):
+            if worker.poll() is None:
+                os.killpg(worker.pid, signal.SIGKILL)
+    assert chief.returncode == 43, stderr[-3000:]
+    (line,) = [line for line in stderr.splitlines() if "lost contact" in line]
+    assert "(DeadlineExceededError: a collective waited longer than " in line, line
+    assert "distribution.collective_timeout_seconds=10" in line
+    assert "resumes from the last complete checkpoint (step 15)" in line
