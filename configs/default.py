@@ -77,6 +77,17 @@ def get_config() -> ml_collections.ConfigDict:
     # GPU or TPU it cannot see (the wrong install; the error names the right one). cpu: train on
     # the CPU on purpose (GPUs hidden from TensorFlow).
     config.distribution.devices = "auto"
+    # multi_worker only. Seconds any one collective (all-reduce, broadcast) may wait for the
+    # other workers before the run fails with a message; 0 = wait forever. Catches a worker
+    # that is alive (heartbeats still flowing) but stuck. Must exceed the longest gap between
+    # collectives: first-loop compile, eval, checkpoint save. TF costs one thread per collective.
+    config.distribution.collective_timeout_seconds = 0.0
+    # multi_worker only. Seconds without a heartbeat from a worker (frozen, host gone) before
+    # TF's coordination service fails the job on every worker; 0 = TF's default (~10 s).
+    config.distribution.heartbeat_timeout_seconds = 0.0
+    # multi_worker only: auto | ring | nccl. How collectives run across workers; nccl for GPUs
+    # (CPU tensors fall back to ring). mirrored on one host picks NCCL by itself.
+    config.distribution.all_reduce = "auto"
 
     config.dataset = ml_collections.ConfigDict()
     # A TFDS name. tfscale_shapes (32x32, in memory) and tfscale_shapes_variable (32..96 px, read
@@ -183,5 +194,14 @@ def get_config() -> ml_collections.ConfigDict:
     config.health.lr_window = 10  # ...comparing this many updates before and after.
     config.health.rollback_lr_factor = 0.5  # rollback: the LR is multiplied by this...
     config.health.max_rollbacks = 3  # ...at most this many times per process, then it stops.
+
+    # A hung train/eval loop or checkpoint save (trainer/watchdog.py): the stacks of all threads
+    # go to the log when one runs longer than max(factor x its recent median, floor_seconds)
+    # (factor x floor_seconds for the first, which compiles), again every repeat_seconds while
+    # stuck. It only reports: the distribution.*_timeout_seconds fields end a hung run.
+    config.watchdog = ml_collections.ConfigDict()
+    config.watchdog.factor = 10.0  # 0 = no watchdog.
+    config.watchdog.floor_seconds = 60.0  # At least 1 (it looks once a second).
+    config.watchdog.repeat_seconds = 300.0
 
     return config

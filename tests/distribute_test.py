@@ -3,15 +3,19 @@
 import functools
 import json
 import os
+import socket
+import subprocess
+import sys
 import time
 import types
 
 import pytest
 import tensorflow as tf
+import testutil
 
 from configs import default as default_config
 from trainer import distribute, hardware
-from trainer.errors import UserError
+from trainer.errors import ConfigError, UserError
 
 
 def _distribution(strategy: str, cpu_replicas: int = 0, tpu: str = ""):
@@ -326,3 +330,86 @@ def test_topology_reads_workers_index_and_chief(
         is_chief=chief,
         strategy_name="tpu" if task_type is None else "multi_worker",
     )
+
+
+def test_multi_worker_gets_the_collective_timeout_and_all_reduce(monkeypatch, cluster_environment):
+    built = []
+    monkeypatch.setattr(tf.distribute, "MultiWorkerMirroredStrategy", lambda **kw: built.append(kw))
+    cluster_environment(TF_CONFIG=json.dumps({"cluster": {"worker": ["localhost:1"]}}))
+    distribution = _distribution("multi_worker")
+    distribution.collective_timeout_seconds = 30.0
+    distribution.all_reduce = "nccl"
+    distribute.create_strategy(distribution)
+    options = built[0]["communication_options"]
+    assert options.timeout_seconds == 30.0
+    assert options.implementation == tf.distribute.experimental.CommunicationImplementation.NCCL
+
+
+def test_multi_worker_defaults_leave_tf_defaults(monkeypatch, cluster_environment):
+    built = []
+    monkeypatch.setattr(tf.distribute, "MultiWorkerMirroredStrategy", lambda **kw: built.append(kw))
+    cluster_environment(TF_CONFIG=json.dumps({"cluster": {"worker": ["localhost:1"]}}))
+    distribute.create_strategy(_distribution("multi_worker"))
+    options = built[0]["communication_options"]
+    assert options.timeout_seconds is None  # 0 = no timeout.
+    assert options.implementation == tf.distribute.experimental.CommunicationImplementation.AUTO
+
+
+@pytest.mark.parametrize(
+    "strategy, field, value, shown",
+    [
+        ("multi_worker", "all_reduce", "hierarchical", "is not one of auto, ring, nccl"),
+        ("multi_worker", "collective_timeout_seconds", -1.0, "must be >= 0; 0 = off"),
+        ("multi_worker", "heartbeat_timeout_seconds", -5.0, "must be >= 0; 0 = off"),
+        ("mirrored", "all_reduce", "nccl", "applies to distribution.strategy='multi_worker' only"),
+        ("auto", "collective_timeout_seconds", 60.0, "applies to distribution.strategy="),
+        ("default", "heartbeat_timeout_seconds", 5.0, "leave it at 0"),
+    ],
+)
+def test_multi_worker_fields_are_checked(no_multi_worker_strategy, strategy, field, value, shown):
+    distribution = _distribution(strategy)
+    distribution[field] = value
+    with pytest.raises(ConfigError) as error:
+        distribute.create_strategy(distribution)
+    assert shown in str(error.value) and f"distribution.{field}" in str(error.value)
+
+
+def test_heartbeat_timeout_reaches_tf_coordination_service(tmp_path):
+    """Read back from TF's context in a fresh process (the setting goes through TF internals
+    that a TF upgrade may move: this fails then). One worker, so no peer is needed."""
+    script = (
+        "import json, os\n"
+        "from configs import default\n"
+        "from trainer import distribute\n"
+        "from tensorflow.python.eager import context\n"
+        "config = default.get_config().distribution\n"
+        "config.strategy, config.devices = 'multi_worker', 'cpu'\n"
+        "config.heartbeat_timeout_seconds = 2.5\n"
+        "strategy = distribute.create_strategy(config)\n"
+        "service = context.context().coordination_service\n"
+        "print(service.heartbeat_timeout_in_ms, service.service_leader)\n"
+        "print(strategy.num_replicas_in_sync)\n"
+    )
+    port = _free_port()
+    env = {
+        **testutil.ENV,
+        "TF_CONFIG": json.dumps(
+            {"cluster": {"worker": [f"127.0.0.1:{port}"]}, "task": {"type": "worker", "index": 0}}
+        ),
+    }
+    result = subprocess.run(
+        [sys.executable, "-c", script],
+        cwd=testutil.REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.split() == ["2500", "/job:worker/replica:0/task:0", "1"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -1,6 +1,7 @@
 """Tests for trainer/lr_override.py: encodings, malformed files, and the pending/applied renames."""
 
 import pytest
+import testutil
 
 from trainer import lr_override
 from trainer.lr_override import Rejected, Request
@@ -182,3 +183,11 @@ def test_a_new_file_after_a_record_of_the_same_step_replaces_the_record(tmp_path
         assert lr_override.take_pending(str(tmp_path), 3) is not None
         lr_override.mark_applied(str(tmp_path), 3)
     assert (tmp_path / "lr_override.applied-3.json").read_text() == '{"set": 0.2}'
+
+
+@pytest.mark.parametrize("request_", [None, Request("set", 0.1), Request("multiply", 1 / 3)])
+def test_broadcast_from_chief_carries_the_request_exactly(request_):
+    """Over 2 replicas, as a multi-worker run's collective does: the value arrives bit for bit
+    (float64), and once (only replica 0 contributes; a sum of every replica's would double it)."""
+    strategy = testutil.mirrored(2)
+    assert lr_override.broadcast_from_chief(strategy, request_) == request_

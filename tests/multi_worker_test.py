@@ -1,9 +1,11 @@
 """MultiWorkerMirroredStrategy: two worker processes on loopback, started as users start them."""
 
+import json
 import os
 import signal
 import socket
 import subprocess
+import time
 
 import numpy as np
 import pytest
@@ -25,11 +27,11 @@ RUN = (
 )
 
 
-def launch(workdir, data_dir) -> subprocess.Popen:
+def launch(workdir, data_dir, *overrides: str) -> subprocess.Popen:
     command = [
         "launch/multi_worker_local.sh",
         "2",
-        *testutil.main_flags(workdir, *RUN, data_dir=data_dir),
+        *testutil.main_flags(workdir, *RUN, *overrides, data_dir=data_dir),
     ]
     return subprocess.Popen(
         command,
@@ -190,3 +192,138 @@ def test_sigterm_to_one_worker_checkpoints_both_and_the_launcher_resumes(
     assert stderr.count("resumed at step") == 2  # Both workers restored the same checkpoint.
     assert_bitwise_equal(straight[0], tmp_path, step=30, has_dropout=False)
     assert [s for s, _ in logged(tmp_path, "loss")] == list(range(5, 31, 5))
+
+
+def start_worker(index: int, hosts: list[str], workdir, data_dir, module: str, *extra: str):
+    """One worker started as launch/multi_worker.sh would, but as `python -m module` (a test
+    harness from tests/ for the worker that misbehaves)."""
+    tf_config = {"cluster": {"worker": hosts}, "task": {"type": "worker", "index": index}}
+    command = testutil.main_command(
+        workdir,
+        *RUN,
+        "--config.distribution.strategy=multi_worker",
+        *extra,
+        data_dir=data_dir,
+        module=module,
+    )
+    return subprocess.Popen(
+        command,
+        cwd=testutil.REPO,
+        env={**testutil.INJECTION_ENV, "TF_CONFIG": json.dumps(tf_config)},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+
+
+# How long the surviving worker may take to exit after its peer is killed. Measured on loopback
+# (2 CPU cores, TF 2.21): 4-5 s from the SIGKILL to the survivor's exit; the rest is margin for a
+# loaded machine.
+LOST_WORKER_BOUND_SECONDS = 30
+
+
+def test_a_killed_worker_ends_the_other_with_43_naming_it_and_a_relaunch_resumes(
+    straight, tmp_path, data_dir
+):
+    """Worker 1 stalls before the train loop after step 15 (tests/stall_injection.py), with
+    checkpoint 15 written; it is SIGKILLed there while the chief waits in the loop's collectives.
+    The chief exits 43 within the bound with one line naming worker 1; both relaunched resume
+    from step 15 and end bitwise equal to the uninterrupted run."""
+    hosts = [f"127.0.0.1:{port}" for port in free_ports(2)]
+    chief = start_worker(0, hosts, tmp_path, data_dir, "trainer.main")
+    stalled = start_worker(
+        1, hosts, tmp_path, data_dir, "stall_injection", "--stall_at_call=4", "--stall_seconds=300"
+    )
+    try:
+        wait_for_step(tmp_path, 15, chief)
+        manifest = tmp_path / "checkpoints" / "ckpt-15.manifest.json"
+        while not manifest.exists():
+            time.sleep(0.05)
+        time.sleep(1.0)  # The chief is in the next train loop, waiting for worker 1.
+        os.killpg(stalled.pid, signal.SIGKILL)
+        killed = time.monotonic()
+        _, stderr = chief.communicate(timeout=120)
+        seconds = time.monotonic() - killed
+    finally:
+        for worker in (chief, stalled):
+            if worker.poll() is None:
+                os.killpg(worker.pid, signal.SIGKILL)
+    assert chief.returncode == 43, stderr[-3000:]
+    assert seconds < LOST_WORKER_BOUND_SECONDS
+    (line,) = [line for line in stderr.splitlines() if "lost contact" in line]
+    assert line.startswith("error: lost contact with worker 1 (UnavailableError: "), line
+    assert line.endswith("the run resumes from the last complete checkpoint (step 15); exit 43")
+    print(f"survivor exited {seconds:.1f} s after the SIGKILL")  # Shown with pytest -s.
+
+    relaunch = launch(tmp_path, data_dir)
+    _, stderr = relaunch.communicate(timeout=600)
+    assert relaunch.returncode == 0, stderr[-3000:]
+    assert stderr.count("resumed at step 15") == 2
+    assert_bitwise_equal(straight[0], tmp_path, step=30, has_dropout=False)
+
+
+def test_override_file_is_applied_by_every_worker_at_the_same_step(straight, tmp_path, data_dir):
+    """The chief reads lr_override.json and broadcasts it. Reference: the same LR change made by
+    a milestone, which every worker applies from its own config. Had the non-chief kept the old
+    LR, its weights, hence the all-reduced gradients and the chief's weights, would differ."""
+    overridden, milestone = tmp_path / "overridden", tmp_path / "milestone"
+    overridden.mkdir()
+    (overridden / "lr_override.json").write_text('{"multiply": 0.5}')  # Read at step 5.
+    process = launch(overridden, data_dir)
+    _, stderr = process.communicate(timeout=600)
+    assert process.returncode == 0, stderr[-3000:]
+    applied = [line for line in stderr.splitlines() if line.startswith("worker ")]
+    assert all("manual override" in line for line in applied)
+    assert sorted(line.split(":", 1)[0] for line in applied) == ["worker 0", "worker 1"]
+    assert len({line.split(":", 1)[1] for line in applied}) == 1  # The same event, same step.
+    assert (overridden / "lr_override.applied-5.json").exists()  # Renamed once, by the chief.
+    assert not (overridden / "lr_override.json").exists()
+    halved = [(s, lr / 2) if s > 5 else (s, lr) for s, lr in logged(straight[0], "learning_rate")]
+    np.testing.assert_allclose(
+        [lr for _, lr in logged(overridden, "learning_rate")], [lr for _, lr in halved], rtol=1e-6
+    )
+
+    process = launch(
+        milestone,
+        data_dir,
+        "--config.lr.milestones=(5,)",
+        "--config.lr.milestones_unit=steps",
+        "--config.lr.milestone_values=(0.5,)",
+    )
+    _, stderr = process.communicate(timeout=600)
+    assert process.returncode == 0, stderr[-3000:]
+    a, b = testutil.checkpoint_values(overridden, 30), testutil.checkpoint_values(milestone, 30)
+    assert a.keys() == b.keys()
+    for name in a:
+        if "milestones_done" not in name:  # 1 after the milestone, 0 after the override.
+            np.testing.assert_array_equal(a[name], b[name], err_msg=name)
+
+
+def test_a_worker_stuck_past_the_collective_timeout_ends_the_other_with_43(tmp_path, data_dir):
+    """Worker 1 stalls 60 s in its host code (alive: heartbeats flow, so only the collective
+    timeout can end the wait); the chief gives up after 10 s in its collective."""
+    hosts = [f"127.0.0.1:{port}" for port in free_ports(2)]
+    timeout = "--config.distribution.collective_timeout_seconds=10"
+    chief = start_worker(0, hosts, tmp_path, data_dir, "trainer.main", timeout)
+    stalled = start_worker(
+        1,
+        hosts,
+        tmp_path,
+        data_dir,
+        "stall_injection",
+        timeout,
+        "--stall_at_call=4",
+        "--stall_seconds=60",
+    )
+    try:
+        _, stderr = chief.communicate(timeout=300)
+    finally:
+        for worker in (chief, stalled):
+            if worker.poll() is None:
+                os.killpg(worker.pid, signal.SIGKILL)
+    assert chief.returncode == 43, stderr[-3000:]
+    (line,) = [line for line in stderr.splitlines() if "lost contact" in line]
+    assert "(DeadlineExceededError: a collective waited longer than " in line, line
+    assert "distribution.collective_timeout_seconds=10" in line
+    assert "resumes from the last complete checkpoint (step 15)" in line

@@ -14,6 +14,8 @@ from trainer import metrics
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}  # For the subprocesses: TF's C++ logs off.
+# For the test harnesses in tests/ (nan_injection, stall_injection, ...) run as `python -m NAME`.
+INJECTION_ENV = {**ENV, "PYTHONPATH": os.pathsep.join([REPO, os.path.join(REPO, "tests")])}
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
@@ -118,9 +120,14 @@ def run_with_nan_at(update: int, workdir, *overrides: str, data_dir: str, check:
     """`run_main` through tests/nan_injection.py: the loss of `update` is NaN (once)."""
     command = main_command(workdir, *overrides, data_dir=data_dir, module="nan_injection")
     command.append(f"--nan_at_update={update}")
-    env = {**ENV, "PYTHONPATH": os.pathsep.join([REPO, os.path.join(REPO, "tests")])}
     result = subprocess.run(
-        command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600, check=False
+        command,
+        cwd=REPO,
+        env=INJECTION_ENV,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
     )
     if check and result.returncode != 0:
         raise AssertionError(f"exit {result.returncode}\n{result.stderr[-4000:]}")

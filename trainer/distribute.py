@@ -17,6 +17,12 @@ class StrategyError(UserError):
 
 STRATEGIES = ("auto", "default", "one_device", "mirrored", "multi_worker", "tpu")
 DEVICES = ("auto", "cpu")  # distribution.devices: cpu = train on the CPU on purpose.
+# distribution.all_reduce: how MultiWorkerMirroredStrategy's collectives are carried out.
+ALL_REDUCE = {
+    "auto": tf.distribute.experimental.CommunicationImplementation.AUTO,
+    "ring": tf.distribute.experimental.CommunicationImplementation.RING,
+    "nccl": tf.distribute.experimental.CommunicationImplementation.NCCL,
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -157,10 +163,74 @@ def multi_worker_cluster_resolver() -> tf.distribute.cluster_resolver.ClusterRes
     )
 
 
-def _multi_worker_strategy() -> tf.distribute.Strategy:
-    return tf.distribute.MultiWorkerMirroredStrategy(
-        cluster_resolver=multi_worker_cluster_resolver()
+def _configure_heartbeats(
+    resolver: tf.distribute.cluster_resolver.ClusterResolver, timeout_seconds: float
+) -> None:
+    """Sets how long TF's coordination service waits for a silent worker before failing the job.
+
+    TF 2.21 has no public API for it: MultiWorkerMirroredStrategy configures the service itself
+    (collective_all_reduce_strategy.py) unless the eager context already has a configuration,
+    and this writes that configuration first, as the strategy would, plus the heartbeat
+    timeout. Private modules, hence imported here and covered by a test that reads the setting
+    back. Must run before the strategy starts the runtime.
+    """
+    from tensorflow.compiler.xla.tsl.protobuf import coordination_config_pb2
+    from tensorflow.python.distribute import multi_worker_util
+    from tensorflow.python.eager import context
+
+    cluster = resolver.cluster_spec()
+    jobs = [
+        coordination_config_pb2.CoordinatedJob(name=job, num_tasks=cluster.num_tasks(job))
+        for job in ("chief", "worker")
+        if job in cluster.jobs
+    ]
+    context.context().configure_coordination_service(
+        service_type="standalone",
+        service_leader=multi_worker_util.coordination_leader(cluster),
+        coordinated_jobs=jobs,
+        heartbeat_timeout_in_ms=int(timeout_seconds * 1000),
     )
+
+
+def _multi_worker_strategy(distribution: ml_collections.ConfigDict) -> tf.distribute.Strategy:
+    """MultiWorkerMirroredStrategy with the configured collective timeout, all-reduce and
+    heartbeat timeout (0 = TF's default for each: no timeout, AUTO, TF's heartbeat timeout)."""
+    resolver = multi_worker_cluster_resolver()
+    if distribution.heartbeat_timeout_seconds:
+        _configure_heartbeats(resolver, distribution.heartbeat_timeout_seconds)
+    options = tf.distribute.experimental.CommunicationOptions(
+        timeout_seconds=distribution.collective_timeout_seconds or None,
+        implementation=ALL_REDUCE[distribution.all_reduce],
+    )
+    return tf.distribute.MultiWorkerMirroredStrategy(
+        cluster_resolver=resolver, communication_options=options
+    )
+
+
+def _check_multi_worker_fields(distribution: ml_collections.ConfigDict) -> None:
+    """The fields that only MultiWorkerMirroredStrategy reads: checked, and refused elsewhere
+    (a timeout set for a strategy that ignores it would be a silent no-op)."""
+    if distribution.all_reduce not in ALL_REDUCE:
+        raise ConfigError(
+            f"distribution.all_reduce ({distribution.all_reduce!r}) is not one of "
+            f"{', '.join(ALL_REDUCE)}"
+        )
+    for field in ("collective_timeout_seconds", "heartbeat_timeout_seconds"):
+        if distribution[field] < 0:
+            raise ConfigError(f"distribution.{field} ({distribution[field]}) must be >= 0; 0 = off")
+    if distribution.strategy == "multi_worker":
+        return
+    for field, default in (
+        ("all_reduce", "auto"),
+        ("collective_timeout_seconds", 0),
+        ("heartbeat_timeout_seconds", 0),
+    ):
+        if distribution[field] != default:
+            raise ConfigError(
+                f"distribution.{field} ({distribution[field]!r}) applies to "
+                f"distribution.strategy='multi_worker' only, not {distribution.strategy!r}; "
+                f"leave it at {default!r} (mirrored picks NCCL on GPUs by itself)"
+            )
 
 
 def _refuse_silent_cpu_run(
@@ -203,6 +273,7 @@ def create_strategy(
         )
     if distribution.devices == "cpu" and name == "tpu":
         raise ConfigError("distribution.devices='cpu' contradicts distribution.strategy='tpu'")
+    _check_multi_worker_fields(distribution)
     cpu_replicas = distribution.cpu_replicas
     if cpu_replicas < 0:
         raise ConfigError(
@@ -221,7 +292,7 @@ def create_strategy(
         if name == "auto" and hardware.is_tpu_vm:
             return _tpu_strategy(distribution.tpu)
     if name == "multi_worker":  # Before any op runs: collectives must be set up first.
-        return _multi_worker_strategy()
+        return _multi_worker_strategy(distribution)
     configure_cpu_replicas(cpu_replicas)
     if name == "auto":
         if gpus:

@@ -16,6 +16,10 @@ Contract with the caller, at a loop boundary:
    and call `mark_applied` before the next one, or a multiply would be applied once per loop.
    A valid request that cannot be applied (a set where the schedule is 0) gets `mark_rejected`.
 
+Multi-worker runs: only the chief reads and renames the file; `broadcast_from_chief` hands its
+request (or None) to every worker through one small all-reduce at the same loop boundary, so all
+workers apply the same LR from the same step.
+
 Known windows, both the length of one rename: a crash after the checkpoint but before
 `mark_applied` re-applies the request on the rerun (harmless for "set", doubles a "multiply"); a
 file replaced by a new one between `take_pending` and `mark_applied` is marked applied unread.
@@ -32,6 +36,8 @@ import tensorflow as tf
 OVERRIDE_FILE = "lr_override.json"
 ACTIONS = ("set", "multiply")
 _SHOWN_CHARS = 200  # How much of a rejected file goes into the (one-line) message.
+_NO_REQUEST = 0.0  # A request as the [action code, value] pair broadcast to the workers.
+_ACTION_CODES = {"set": 1.0, "multiply": 2.0}
 
 # Longest first: the UTF-32 LE BOM starts with the UTF-16 LE one.
 _BOMS = (
@@ -188,3 +194,28 @@ def mark_rejected(workdir: str, step: int) -> str | None:
     """Renames the pending file `lr_override.rejected-STEP.json`, e.g. for a valid request that
     cannot be applied. Returns the new path, or None if the file is gone."""
     return _rename(workdir, step, "rejected")
+
+
+def broadcast_from_chief(strategy, request: Request | None) -> Request | None:
+    """The chief's `request` (None: none pending) on every worker of a multi-worker run.
+
+    A collective: every worker must call it at the same loop boundary, each loop, whether or not
+    it has a request (only the chief's is used). The pair [action code, value] travels as
+    float64, so the value every worker applies is the chief's Python float, bit for bit; only
+    the chief's first replica (global replica 0: TF numbers the chief's replicas first)
+    contributes, every other replica adds zeros. Cost: one all-reduce of 2 numbers and a host
+    read (measured in BUILD_NOTES).
+    """
+    code = _NO_REQUEST if request is None else _ACTION_CODES[request.action]
+    value = 0.0 if request is None else request.value
+
+    def contribution(context: tf.distribute.experimental.ValueContext) -> tf.Tensor:
+        mine = context.replica_id_in_sync_group == 0
+        return tf.constant([code, value] if mine else [0.0, 0.0], tf.float64)
+
+    pairs = strategy.experimental_distribute_values_from_function(contribution)
+    code, value = strategy.reduce(tf.distribute.ReduceOp.SUM, pairs, axis=None).numpy()
+    if code == _NO_REQUEST:
+        return None
+    action = {number: name for name, number in _ACTION_CODES.items()}[code]
+    return Request(action, float(value))

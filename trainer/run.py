@@ -238,24 +238,35 @@ class Run:
     def take_lr_override(self) -> tuple[list[str], bool]:
         """Applies a pending `lr_override.json`; returns its events and whether it changed the LR.
 
-        A change is marked applied (the file renamed) only after `save()` made it durable, so the
-        caller must save when this returns True and then call `lr_override.mark_applied`.
+        The chief reads the file; on a multi-worker run it broadcasts what it read, so every
+        worker calls this at the same loop boundary (it is a collective there) and applies the
+        same request. A change is marked applied (the file renamed) only after `save()` made it
+        durable, so the caller must save when this returns True and then have the chief call
+        `lr_override.mark_applied`.
         """
         step = self.step
-        try:
-            request = lr_override.take_pending(self.workdir, step)
-        except lr_override.Rejected as rejected:
-            logging.error("%s", rejected)
-            return [str(rejected)], False
+        topology = self.setup.topology
+        request, events = None, []
+        if topology.is_chief:
+            try:
+                request = lr_override.take_pending(self.workdir, step)
+            except lr_override.Rejected as rejected:
+                logging.error("%s", rejected)
+                events = [str(rejected)]
+        if topology.num_workers > 1:
+            request = lr_override.broadcast_from_chief(self.setup.strategy, request)
         if request is None:
-            return [], False
+            return events, False
         try:
-            return [self.controller.apply_override(request, step)], True
+            event = self.controller.apply_override(request, step)
         except ConfigError as error:  # A set where the schedule is 0: nothing to scale from.
-            lr_override.mark_rejected(self.workdir, step)
             message = f"ignored manual override {request}: {error}"
-            logging.error("%s", message)
+            if topology.is_chief:
+                lr_override.mark_rejected(self.workdir, step)
+                logging.error("%s", message)
             return [message], False
+        logging.info("worker %d: %s", topology.worker_index, event)  # Every worker says it.
+        return [event], True
 
     def log_events(self, events: list[str]) -> None:
         for event in events:

@@ -8,7 +8,18 @@ import ml_collections
 import numpy as np
 import tensorflow as tf
 
-from trainer import export, health, loop, lr_override, metrics, preemption, profiling, workdir_lock
+from trainer import (
+    export,
+    health,
+    loop,
+    lost_worker,
+    lr_override,
+    metrics,
+    preemption,
+    profiling,
+    watchdog,
+    workdir_lock,
+)
 from trainer import setup as setup_lib
 from trainer.best import BestKeeper
 from trainer.health import report
@@ -19,13 +30,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     """Trains and evaluates the model described by `config`, checkpointing into `workdir`.
 
     Returns the final eval metrics. Raises `preemption.Preempted` after checkpointing when the
-    process received SIGTERM/SIGINT (the command line turns it into exit code 42).
+    process received SIGTERM/SIGINT (the command line turns it into exit code 42), and
+    `lost_worker.LostWorker` on a multi-worker run that lost another worker (exit code 43).
     """
     with preemption.watching() as signals:  # From here on a signal means "stop, exit 42".
         # 1. Strategy, data and the plan: every derived number, computed and logged once. Every
         #    user error is raised here, before anything is written.
         setup = setup_lib.prepare(config)
         health.check_config(config.health)
+        watchdog.check_config(config.watchdog)
         signals.take_back_handlers()
         if signals.received:
             raise preemption.Preempted(None)
@@ -42,10 +55,28 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                 workdir, config, is_chief=setup.topology.is_chief
             )
             try:
-                return _train(run, signals, profiler)
+                with watchdog.Watchdog.from_config(config.watchdog) as timer:
+                    return _train(run, signals, profiler, timer)
+            except lost_worker.LOST_CONTACT_ERRORS as error:
+                if setup.topology.num_workers == 1:
+                    raise
+                raise _lost_worker(run, error) from error
             finally:
                 profiler.stop()  # A run stopped inside profile_steps still writes its profile.
                 run.writer.close()
+
+
+def _lost_worker(run: Run, error: tf.errors.OpError) -> lost_worker.LostWorker:
+    """What a surviving worker says when a collective failed because another worker is gone."""
+    resolver = run.setup.strategy.cluster_resolver
+    complete = run.checkpointer.complete_steps()
+    return lost_worker.from_error(
+        error,
+        own_task=(resolver.task_type, resolver.task_id),
+        step=run.step,
+        last_checkpoint=complete[0] if complete else None,
+        collective_timeout_seconds=run.config.distribution.collective_timeout_seconds,
+    )
 
 
 @dataclasses.dataclass
@@ -92,7 +123,10 @@ def _next_stop(plan_step: int, config: ml_collections.ConfigDict, total: int, mi
 
 
 def _train(
-    run: Run, signals: preemption.SignalWatcher, profiler: profiling.StepProfiler
+    run: Run,
+    signals: preemption.SignalWatcher,
+    profiler: profiling.StepProfiler,
+    timer: watchdog.Watchdog,
 ) -> dict[str, float]:
     setup, config, plan, state = run.setup, run.config, run.plan, run.state
     # 5. The compiled inner loops and both inputs, built once (the train input is rebuilt only
@@ -113,7 +147,12 @@ def _train(
     eval_dataset, eval_steps = setup.eval_input()
 
     def evaluate() -> dict[str, float]:  # Raw weights, and the EMA's when one is kept.
-        return loop.evaluate(eval_loop, eval_dataset, eval_steps, state.ema)
+        with timer.watch("eval loop", run.step):
+            return loop.evaluate(eval_loop, eval_dataset, eval_steps, state.ema)
+
+    def save() -> None:
+        with timer.watch("checkpoint save", run.step):
+            run.save()
 
     window = _Window()
     eval_metrics: dict[str, float] = {}
@@ -126,13 +165,14 @@ def _train(
     while run.plan_step < plan.total_steps:
         if signals.should_stop(setup.strategy, num_workers):
             if run.last_saved_step != run.step:
-                run.save()
+                save()
             raise preemption.Preempted(run.step)
         plan_step = run.plan_step
         stop = _next_stop(plan_step, config, plan.total_steps, run.controller.next_milestone())
         num_steps = stop - plan_step
         started = time.monotonic()
-        with profiler.inner_loop(plan_step, num_steps):  # A profiler step, in profile_steps.
+        # A profiler step inside profile_steps; the watchdog's timer always.
+        with profiler.inner_loop(plan_step, num_steps), timer.watch("train loop", run.step):
             outputs = train_loop(train_iterator, tf.constant(num_steps))
             outputs = {k: v.numpy() for k, v in outputs.items()}  # The one host sync.
         seconds = time.monotonic() - started
@@ -181,15 +221,15 @@ def _train(
             run.writer.write(run.step, eval_metrics, kind="eval")
             run.log_events(run.controller.on_eval(run.step, eval_metrics))
 
-        # Multi-worker: the override file is not broadcast yet (BUILD_NOTES, limits).
-        override_events, overridden = ([], False) if num_workers > 1 else run.take_lr_override()
+        # The chief reads the override file and, on multi-worker runs, broadcasts it.
+        override_events, overridden = run.take_lr_override()
         run.log_events(override_events)
         # With best_metric every eval is checkpointed (on every worker alike: a multi-worker
         # save is collective), so the best eval's checkpoint exists to be kept.
         keeps_best = evaluated and bool(config.best_metric)
         if plan_step % config.checkpoint_every_steps == 0 or done or overridden or keeps_best:
-            run.save()
-        if overridden:  # Only now is the change durable: the file may leave the queue.
+            save()
+        if overridden and setup.topology.is_chief:  # Durable now: the file may leave the queue.
             lr_override.mark_applied(run.workdir, run.step)
         if keeps_best and best is not None:
             best.update(run.step, eval_metrics)
