@@ -33,7 +33,9 @@ def _define_flags() -> None:
     flags.DEFINE_integer("batch_size", 128, "Global batch.")
     flags.DEFINE_integer("steps", 200, "Timed updates per measurement.")
     flags.DEFINE_integer("steps_per_loop", 50, "Updates per compiled call (both paths).")
-    flags.DEFINE_float("peak_tflops", 0.0, "The device's peak TFLOP/s at the precision; 0 = no MFU.")
+    flags.DEFINE_float(
+        "peak_tflops", 0.0, "The device's peak TFLOP/s at the precision; 0 = no MFU."
+    )
     flags.DEFINE_bool("smoke", False, "Toy sizes, to check that it runs.")
 
 
@@ -53,8 +55,8 @@ def forward_flops(model, image_shape: tuple[int, ...]) -> float:
 
 def _build(model_name: str, policy: str, image_shape, num_classes: int):
     import keras
-    from configs import default as default_config
 
+    from configs import default as default_config
     from trainer import models, precision
 
     config = default_config.get_config().model

@@ -32,10 +32,19 @@ def _fake_root(tmp_path, files: list[str], cpu_flags: str = "fpu sse avx512_bf16
 def test_probe_reads_device_files_environment_and_cpu_flags(tmp_path):
     root = _fake_root(
         tmp_path,
-        ["dev/nvidia0", "dev/nvidia1", "dev/nvidiactl", "dev/nvidia-uvm", "dev/accel0",
-         "dev/vfio/0", "dev/vfio/vfio"],
+        [
+            "dev/nvidia0",
+            "dev/nvidia1",
+            "dev/nvidiactl",
+            "dev/nvidia-uvm",
+            "dev/accel0",
+            "dev/vfio/0",
+            "dev/vfio/vfio",
+        ],
     )
-    found = hardware.probe(root, environ={"TPU_ACCELERATOR_TYPE": "v5litepod-8"}, which=lambda _: None)
+    found = hardware.probe(
+        root, environ={"TPU_ACCELERATOR_TYPE": "v5litepod-8"}, which=lambda _: None
+    )
     assert found.nvidia_gpus == 2  # nvidiactl and nvidia-uvm are not GPUs.
     assert found.tpu_chips == 2  # accel0 and vfio/0; vfio/vfio is the control file.
     assert found.tpu_accelerator_type == "v5litepod-8"
@@ -44,7 +53,9 @@ def test_probe_reads_device_files_environment_and_cpu_flags(tmp_path):
 
 
 def test_probe_of_a_plain_host(tmp_path):
-    found = hardware.probe(_fake_root(tmp_path, [], cpu_flags="fpu sse"), environ={}, which=lambda _: None)
+    found = hardware.probe(
+        _fake_root(tmp_path, [], cpu_flags="fpu sse"), environ={}, which=lambda _: None
+    )
     assert found == hardware.Hardware(0, False, 0, "", frozenset({"fpu", "sse"}))
     assert not found.has_nvidia_gpu and not found.is_tpu_vm
     # nvidia-smi alone (a container without /dev/nvidiaN listed) counts as a GPU host.
@@ -64,7 +75,10 @@ def test_a_gpu_box_whose_tensorflow_sees_no_gpu_is_refused(strategy):
         distribute.create_strategy(_distribution(strategy), GPU_BOX)
     message = str(error.value)
     assert "\n" not in message
-    assert "has NVIDIA GPUs (2 NVIDIA GPU device file(s) /dev/nvidiaN) but TensorFlow sees none" in message
+    assert (
+        "has NVIDIA GPUs (2 NVIDIA GPU device file(s) /dev/nvidiaN) but TensorFlow sees none"
+        in message
+    )
     assert hardware.GPU_INSTALL in message
     assert "--config.distribution.devices=cpu" in message
 
@@ -79,7 +93,9 @@ def test_the_cpu_on_purpose_is_allowed_on_accelerator_hosts(strategy):
 
 def test_auto_on_a_tpu_vm_chooses_the_tpu(monkeypatch):
     chosen = []
-    monkeypatch.setattr(distribute, "_tpu_strategy", lambda tpu: chosen.append(tpu) or "TPUStrategy")
+    monkeypatch.setattr(
+        distribute, "_tpu_strategy", lambda tpu: chosen.append(tpu) or "TPUStrategy"
+    )
     assert distribute.create_strategy(_distribution("auto"), TPU_VM) == "TPUStrategy"
     assert chosen == [""]  # The TPU VM this runs on.
     # A host without accelerators never tries the TPU.

@@ -70,7 +70,9 @@ RUN = (
 @pytest.fixture(scope="module")
 def bf16_run(tmp_path_factory, data_dir):
     workdir = tmp_path_factory.mktemp("bf16")
-    result = testutil.run_main(workdir, *RUN, "--config.precision=mixed_bfloat16", data_dir=data_dir)
+    result = testutil.run_main(
+        workdir, *RUN, "--config.precision=mixed_bfloat16", data_dir=data_dir
+    )
     assert "precision: mixed_bfloat16 (set in the config)" in result.stderr
     return workdir
 

@@ -25,7 +25,9 @@ class Hardware:
     nvidia_gpus: int  # /dev/nvidiaN device files (the NVIDIA driver creates one per GPU).
     nvidia_smi: bool  # The driver's tool is on PATH (containers may not expose /dev/nvidiaN).
     tpu_chips: int  # /dev/accelN (TPU v2-v4) or /dev/vfio/N (v5e and newer) device files.
-    tpu_accelerator_type: str  # TPU_ACCELERATOR_TYPE (GKE and some images set it), e.g. v5litepod-8.
+    tpu_accelerator_type: (
+        str  # TPU_ACCELERATOR_TYPE (GKE and some images set it), e.g. v5litepod-8.
+    )
     cpu_flags: frozenset[str]  # From /proc/cpuinfo, e.g. amx_bf16, avx512_bf16.
 
     @property

@@ -53,7 +53,9 @@ def choose(
     if device_kind == "GPU":
         major, minor = gpu_compute_capability or (0, 0)
         if major >= 8:
-            return Precision("mixed_bfloat16", f"auto: GPU compute capability {major}.{minor} >= 8.0")
+            return Precision(
+                "mixed_bfloat16", f"auto: GPU compute capability {major}.{minor} >= 8.0"
+            )
         return Precision(
             "float32", f"auto: GPU compute capability {major}.{minor} < 8.0 has no bfloat16 units"
         )
