@@ -81,6 +81,7 @@ def main(argv):
     config = default.get_config()
     config.dataset.data_dir = _DATA_DIR.value
     config.deterministic = False  # As in loop_overhead.py: op determinism is the user's trade.
+    config.precision = "float32"  # As measured before precision=auto existed; either is fair.
     if _REPLICAS.value > 1:
         config.distribution.strategy = "mirrored"
         config.distribution.cpu_replicas = _REPLICAS.value

@@ -88,7 +88,7 @@ def measure_loops(strategy, config, *, steps: int, steps_per_loop: int, repeats:
     import keras
     import tensorflow as tf
 
-    from trainer import data, distribute, learning_rate, loop, models, sources
+    from trainer import data, distribute, learning_rate, loop, models, precision, sources
     from trainer import plan as plan_lib
     from trainer import setup as setup_lib
     from trainer import state as state_lib
@@ -124,6 +124,7 @@ def measure_loops(strategy, config, *, steps: int, steps_per_loop: int, repeats:
         config=config,
         strategy=strategy,
         topology=distribute.topology(strategy, "default" if num_replicas == 1 else "mirrored"),
+        precision=precision.Precision("float32", "as the minimal loop's model"),
         plan=plan,
         schedule=learning_rate.base_schedule(plan, config.lr),
         train_split=split,

@@ -16,16 +16,16 @@ import testutil
 from trainer.datasets import shapes
 
 
-def _load_benchmark():
-    """The script as a module: it defines its flags only when run as a script."""
-    path = os.path.join(testutil.REPO, "benchmarks", "loop_overhead.py")
-    spec = importlib.util.spec_from_file_location("loop_overhead", path)
+def _load_script(name: str):
+    """A benchmark script as a module: it defines its flags only when run as a script."""
+    path = os.path.join(testutil.REPO, "benchmarks", f"{name}.py")
+    spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
 
 
-loop_overhead = _load_benchmark()
+loop_overhead = _load_script("loop_overhead")
 
 
 def _tiny_config(data_dir):
@@ -96,13 +96,6 @@ def test_loop_overhead_script_runs_end_to_end(data_dir):
     assert outer["train_main_steps_per_sec"] > 0
     assert outer["checkpoint_bytes_default_config"] > 0
 
-
-def _load_script(name: str):
-    path = os.path.join(testutil.REPO, "benchmarks", f"{name}.py")
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_accelerator_benchmark_measures_both_loops_at_toy_size():
