@@ -1,4 +1,4 @@
-"""experiments/goyal_miniature.py: the arms' configs say what the table says; the smoke run
+"""experiments/goyal_miniature/: the arms' configs say what the table says; the smoke run
 writes the table and the plot."""
 
 import json

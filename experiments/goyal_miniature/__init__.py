@@ -25,17 +25,11 @@ import time
 
 import ml_collections
 import numpy as np
-from absl import flags
 
 from configs import default
-from trainer import cli, learning_rate, metrics, train
+from trainer import learning_rate, metrics, train
 from trainer.datasets import shapes
 
-_OUTPUT_DIR = flags.DEFINE_string("output_dir", None, "Where results and run workdirs go.")
-_DATA_DIR = flags.DEFINE_string("data_dir", None, "TFDS data_dir; None = TFDS's default.")
-_SEEDS = flags.DEFINE_integer("seeds", 3, "Runs per arm, seeds 0..N-1 (--smoke: 1).")
-_EPOCHS = flags.DEFINE_float("epochs", 18.0, "Epochs of every arm (--smoke: a few steps).")
-_SMOKE = flags.DEFINE_bool("smoke", False, "Two arms, one seed, a few steps: checks the plumbing.")
 
 SMALL_BATCH = 50  # Divides the 12,000 train examples: 240 updates per epoch.
 BATCH_RATIO = 8  # The large batch, 400, is 8 micro-batches of the small one: 30 updates/epoch.
@@ -205,21 +199,3 @@ def run_experiment(
         f.write(summarize(runs, arms))
     plot(runs, arms, os.path.join(output_dir, "eval_error.png"))
     return runs
-
-
-def main(argv: list[str]) -> None:
-    del argv
-    smoke = _SMOKE.value
-    os.makedirs(_OUTPUT_DIR.value, exist_ok=True)
-    run_experiment(
-        _OUTPUT_DIR.value,
-        arms=SMOKE_ARMS if smoke else ARMS,
-        seeds=1 if smoke else _SEEDS.value,
-        epochs=SMOKE_EPOCHS if smoke else _EPOCHS.value,
-        data_dir=_DATA_DIR.value,
-    )
-    print(open(os.path.join(_OUTPUT_DIR.value, "results.md")).read())
-
-
-if __name__ == "__main__":
-    cli.run(main, "output_dir")
