@@ -30,7 +30,6 @@ from configs import default
 from trainer import learning_rate, metrics, train
 from trainer.datasets import shapes
 
-
 SMALL_BATCH = 50  # Divides the 12,000 train examples: 240 updates per epoch.
 BATCH_RATIO = 8  # The large batch, 400, is 8 micro-batches of the small one: 30 updates/epoch.
 # Tuned at SMALL_BATCH (one seed, 9 epochs: 0.02 and 0.05 both reach 3.6-3.7% eval error; 8x
