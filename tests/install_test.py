@@ -220,20 +220,14 @@ def _assert_supported(resolved: dict[str, Version], tensorflow: str, minor: str)
 
 @pytest.mark.slow
 @pytest.mark.timeout(1800)
-@pytest.mark.parametrize(
-    ("constraints", "minor"),
-    [(None, "2.21"), ("tf2.20-cpu.txt", "2.20")],
-    ids=["default", "tf2.20"],
-)
-def test_gpu_install_resolves(index, tmp_path, constraints, minor):
-    """`pip install -e '.[gpu]'` (default: the newest supported TF) and with the TF 2.20 set."""
-    args = [".[gpu]"] + (["-c", f"constraints/{constraints}"] if constraints else [])
-    resolved = _resolve(tmp_path, *args)
-    _assert_supported(resolved, "tensorflow", minor)
+def test_gpu_install_resolves(index, tmp_path):
+    """`pip install -e '.[gpu]'`, as README says: the newest supported TF with its CUDA wheels.
+
+    Only the documented combination: resolving `.[gpu]` again under the TF 2.20 set cost CI
+    80 s and covers an install nobody is told to run."""
+    resolved = _resolve(tmp_path, ".[gpu]")
+    _assert_supported(resolved, "tensorflow", "2.21")
     assert CUDA_WHEELS <= set(resolved), f"no CUDA wheels: {sorted(resolved)}"
-    if constraints:
-        pins = _pins(CONSTRAINTS / constraints)
-        assert all(resolved[n] == pins[n] for n in resolved.keys() & pins.keys())
 
 
 @pytest.mark.slow
