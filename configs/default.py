@@ -58,9 +58,9 @@ def get_config() -> ml_collections.ConfigDict:
     # on both (ema_eval_* metrics too) and exports hold the average. 0 = off.
     config.ema_decay = 0.0
 
-    # auto | float32 | mixed_bfloat16. auto: mixed_bfloat16 where the hardware multiplies bfloat16
-    # natively (TPU, NVIDIA compute capability >= 8.0, CPUs with AMX-BF16), else float32.
-    # mixed_float16 (it needs loss scaling) is not supported yet.
+    # auto | float32 | mixed_bfloat16 | mixed_float16. auto: mixed_bfloat16 where the hardware
+    # multiplies bfloat16 natively (TPU, NVIDIA compute capability >= 8.0, CPUs with AMX-BF16),
+    # else float32. mixed_float16 (older GPUs' tensor cores) adds dynamic loss scaling.
     config.precision = "auto"
     # XLA-compile each replica's forward and backward pass (loop.py says why not the update).
     config.jit_compile = False

@@ -97,7 +97,6 @@ def test_loop_overhead_script_runs_end_to_end(data_dir):
     assert outer["checkpoint_bytes_default_config"] > 0
 
 
-
 def test_accelerator_benchmark_measures_both_loops_at_toy_size():
     accelerator = _load_script("accelerator")
     result = accelerator.measure(

@@ -8,7 +8,7 @@ import tensorflow as tf
 import testutil
 
 from configs import default as default_config
-from trainer import data, learning_rate, loop, lr_control, lr_override, sources
+from trainer import data, learning_rate, loop, lr_control, lr_override, precision, sources
 
 NUM_CLASSES = 3
 GLOBAL_BATCH = 8
@@ -31,6 +31,7 @@ def _build(
     momentum: float = 0.0,
     guard: loop.SpikeGuard | None = None,
     jit_compile: bool = False,
+    loss_scale=None,
     accumulation_steps: int = 1,
     l2: float = 0.0,
 ):
@@ -63,6 +64,7 @@ def _build(
         grad_clip_norm=clip,
         guard=guard,
         jit_compile=jit_compile,
+        loss_scale=loss_scale,
     )
     return model, optimizer, schedule.state, schedule, train_loop
 
@@ -324,3 +326,33 @@ def test_accumulated_micro_batches_update_as_one_global_batch(num_replicas, clip
     assert accumulated_accuracy == whole_accuracy
     if clip:
         assert (whole_steps[:, loop.SIGNALS.index("grad_norm")] > clip).all()  # Clipping acted.
+
+
+@pytest.mark.parametrize("num_replicas", [1, 2])
+def test_float16_overflow_skips_exactly_the_overflowing_updates_everywhere(num_replicas):
+    """mixed_float16 with a loss scale forced far too high before update 3: every update whose
+    all-reduced gradient overflowed is skipped (weights untouched) and halves the scale, the
+    others apply; 1 and 2 replicas decide the same."""
+    strategy = testutil.mirrored(num_replicas)
+    with precision.policy_scope("mixed_float16"), strategy.scope():
+        loss_scale = precision.LossScale(initial_scale=1.0)
+    with precision.policy_scope("mixed_float16"):
+        model, _, _, _, train_loop = _build(strategy, zero_init=False, loss_scale=loss_scale)
+    iterator = _iterator(strategy, _split())
+    rows = [_signals(train_loop(iterator, tf.constant(2)))]  # Scale 1: no overflow.
+    loss_scale.scale.assign(2.0**40)  # float16 tops out at 65504: this overflows.
+    weights = [w.numpy() for w in model.trainable_variables]
+    first = _signals(train_loop(iterator, tf.constant(1)))
+    assert first["skipped"][0] == 1 and not np.isfinite(first["grad_norm"][0])
+    for before, after in zip(weights, model.trainable_variables, strict=True):
+        np.testing.assert_array_equal(before, after.numpy())  # Exactly nothing moved.
+    assert float(loss_scale.scale.numpy()) == 2.0**39
+    rows += [first, _signals(train_loop(iterator, tf.constant(40)))]
+    skipped = np.concatenate([r["skipped"] for r in rows])
+    overflowed = ~np.isfinite(np.concatenate([r["grad_norm"] for r in rows]))
+    np.testing.assert_array_equal(skipped == 1, overflowed)
+    assert skipped[-1] == 0  # The scale came down far enough to train again.
+    assert float(loss_scale.scale.numpy()) == 2.0 ** (40 - skipped.sum())
+    assert int(loss_scale.skipped.numpy()) == skipped.sum()
+    update_norm = np.concatenate([r["update_norm"] for r in rows])
+    assert (update_norm[skipped == 1] == 0).all() and (update_norm[skipped == 0] > 0).all()

@@ -4,12 +4,13 @@ and resume bitwise after a SIGTERM (on CPU; the hardware is faked for the choice
 import signal
 
 import keras
+import tensorflow as tf
 import numpy as np
 import pytest
 import testutil
 from testutil import assert_bitwise_equal, logged, wait_for_step
 
-from trainer import precision, preemption
+from trainer import metrics, precision, preemption, train
 from trainer.errors import ConfigError
 
 AMX = frozenset({"avx512_bf16", "amx_bf16"})
@@ -26,6 +27,7 @@ AMX = frozenset({"avx512_bf16", "amx_bf16"})
         ("auto", "CPU", None, frozenset({"avx512_bf16"}), "float32", "no bfloat16 matrix units"),
         ("float32", "TPU", None, AMX, "float32", "set in the config"),
         ("mixed_bfloat16", "CPU", None, frozenset(), "mixed_bfloat16", "set in the config"),
+        ("mixed_float16", "GPU", (7, 0), frozenset(), "mixed_float16", "set in the config"),
     ],
 )
 def test_choose(requested, device_kind, capability, cpu_flags, policy, reason):
@@ -36,16 +38,20 @@ def test_choose(requested, device_kind, capability, cpu_flags, policy, reason):
     assert reason in chosen.reason
 
 
-@pytest.mark.parametrize(
-    ("requested", "message"),
-    [
-        ("bfloat16", "precision ('bfloat16') is not one of auto, float32"),
-        ("mixed_float16", "needs dynamic loss scaling"),
-    ],
-)
-def test_unsupported_precision_is_refused(requested, message):
-    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
-        precision.choose(requested, device_kind="CPU", gpu_compute_capability=None, cpu_flags=AMX)
+def test_unknown_precision_is_refused():
+    with pytest.raises(ConfigError, match=r"precision \('bfloat16'\) is not one of auto, float32"):
+        precision.choose("bfloat16", device_kind="CPU", gpu_compute_capability=None, cpu_flags=AMX)
+
+
+def test_loss_scale_halves_on_overflow_and_doubles_after_a_run_of_good_updates():
+    scale = precision.LossScale(initial_scale=8.0, growth_interval=3)
+    seen = []
+    for finite in (True, False, True, True, True, True, False, False, False, False, False):
+        scale.update(tf.constant(finite))
+        seen.append(float(scale.scale.numpy()))
+    # 8 -> (good) 8 -> (overflow) 4 -> 3 good: 8 -> 1 good -> 4, 2, 1, and never below 1.
+    assert seen == [8.0, 4.0, 4.0, 4.0, 8.0, 8.0, 4.0, 2.0, 1.0, 1.0, 1.0]
+    assert int(scale.skipped.numpy()) == 6
 
 
 def test_policy_scope_builds_mixed_layers_and_restores_the_global_policy():
@@ -100,3 +106,20 @@ def test_mixed_bfloat16_resumes_bitwise_after_sigterm(bf16_run, tmp_path, data_d
     assert process.returncode == preemption.EXIT_CODE_PREEMPTED, stderr[-3000:]
     testutil.run_main(tmp_path, *RUN, "--config.precision=mixed_bfloat16", data_dir=data_dir)
     assert_bitwise_equal(bf16_run, tmp_path, 200, has_dropout=False)
+
+
+@pytest.mark.slow
+def test_mixed_float16_resumes_bitwise_with_its_loss_scale(tmp_path, data_dir, monkeypatch):
+    """The scale is checkpointed: a crash and resume end where the straight run does."""
+    config = testutil.tiny_run_config(data_dir, precision="mixed_float16", total_steps=30)
+    train.train_and_evaluate(config, str(tmp_path / "straight"))
+    testutil.crash_at(monkeypatch, 25)  # After ckpt-20: resumes there.
+    with pytest.raises(testutil.Crash):
+        train.train_and_evaluate(config, str(tmp_path / "resumed"))
+    monkeypatch.undo()
+    train.train_and_evaluate(config, str(tmp_path / "resumed"))
+    assert_bitwise_equal(tmp_path / "straight", tmp_path / "resumed", 30, has_dropout=False)
+    saved = testutil.checkpoint_values(tmp_path / "resumed", 30)
+    assert [n for n in saved if n.startswith("loss_scale/scale")]
+    records = [r for r in metrics.read_records(str(tmp_path / "resumed")) if "loss_scale" in r]
+    assert records and all(r["loss_scale"] >= 1 for r in records)

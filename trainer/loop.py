@@ -12,6 +12,7 @@ import keras
 import tensorflow as tf
 
 from trainer.ema import WeightEMA
+from trainer.precision import LossScale
 
 SUM = tf.distribute.ReduceOp.SUM
 # What `eval_loop` returns, in order; `lr.plateau_metric` must be one (checked at start-up).
@@ -35,6 +36,8 @@ SIGNALS = ("loss", "grad_norm", "param_norm", "update_norm", "learning_rate", "s
 
 
 def _per_example_loss(labels: tf.Tensor, logits: tf.Tensor) -> tf.Tensor:
+    """In float32 whatever the model computes in (models.py's classifier already is float32)."""
+    logits = tf.cast(logits, tf.float32)
     return keras.losses.sparse_categorical_crossentropy(labels, logits, from_logits=True)
 
 
@@ -111,6 +114,7 @@ def make_train_loop(
     guard: SpikeGuard | None = None,
     jit_compile: bool = False,
     ema: WeightEMA | None = None,
+    loss_scale: LossScale | None = None,
 ) -> Callable[[object, tf.Tensor], dict[str, tf.Tensor]]:
     """Returns `train_loop(iterator, num_steps)` -> mean loss/accuracy, the last applied LR and
     `steps`, the `[num_steps, len(SIGNALS)]` per-update signals.
@@ -126,6 +130,8 @@ def make_train_loop(
     `strategy.run` reads variables across devices; `apply_gradients` inside one needs a
     cross-replica synchronization point), so they stay in the graph around it.
     With an `ema`, its averages move after every applied update (not after a skipped one).
+    With a `loss_scale` (mixed_float16) the backward pass runs on the scaled loss and an update
+    whose all-reduced gradient is not finite is skipped (see precision.LossScale).
     """
     variables = model.trainable_variables
 
@@ -143,10 +149,14 @@ def make_train_loop(
             if model.losses:  # Once per update in all: 1/replicas here, 1/k per micro-batch.
                 regularization = tf.nn.scale_regularization_loss(tf.add_n(model.losses))
                 loss += regularization / accumulation_steps
+            scaled_loss = loss if loss_scale is None else loss * loss_scale.scale
         correct = tf.reduce_sum(
             tf.cast(tf.equal(tf.argmax(logits, -1, output_type=labels.dtype), labels), tf.float32)
         )
-        return loss, correct, tape.gradient(loss, variables)
+        grads = tape.gradient(scaled_loss, variables)
+        if loss_scale is not None:
+            grads = [grad / loss_scale.scale for grad in grads]
+        return loss, correct, grads
 
     def add(total: tuple, part: tuple) -> tuple:
         return tf.nest.map_structure(tf.add, total, part)
@@ -211,11 +221,18 @@ def make_train_loop(
             optimizer.iterations.assign_add(1)  # Nothing else moves (see SpikeGuard).
             return tf.constant(0.0)
 
-        keep = None if guard is None else guard.observe(loss, grad_norm)
-        if guard is not None and guard.skip:
+        keep = tf.constant(True)
+        if guard is not None:
+            keep = guard.observe(loss, grad_norm)
+        if loss_scale is not None:  # Judged on the all-reduced gradient: the same everywhere.
+            finite = tf.math.is_finite(grad_norm)
+            keep = tf.logical_and(keep, finite)
+        if (guard is not None and guard.skip) or loss_scale is not None:
             applied = tf.cond(keep, apply_update, skip_update)
         else:
             applied = apply_update()
+        if loss_scale is not None:
+            loss_scale.update(finite)
         after = [tf.identity(v) for v in variables]
         update_norm = tf.linalg.global_norm([a - b for a, b in zip(after, before, strict=True)])
         row = tf.stack(

@@ -23,6 +23,7 @@ class TrainState:
     examples_seen: tf.Variable  # The input position: the stream resumes exactly here.
     guard: loop.SpikeGuard  # The running loss/gradient-norm statistics a skip decision reads.
     ema: ema_lib.WeightEMA | None  # The averaged weights (ema_decay > 0), else None.
+    loss_scale: precision.LossScale | None  # mixed_float16's dynamic loss scale, else None.
     checkpoint: tf.train.Checkpoint
 
     @property
@@ -70,6 +71,8 @@ def build_state(
             skip=health.action == "skip",
         )
         ema = ema_lib.from_config(config.ema_decay, model)
+        fp16 = setup.precision.policy == "mixed_float16"
+        loss_scale = precision.LossScale() if fp16 else None
     examples_seen = tf.Variable(0, dtype=tf.int64, trainable=False, name="examples_seen")
     checkpoint = tf.train.Checkpoint(
         model=model,
@@ -79,8 +82,9 @@ def build_state(
         rng=checkpointing.seed_generator_states(model),
         health=guard,
         **({} if ema is None else {"ema": ema.checkpointed}),
+        **({} if loss_scale is None else {"loss_scale": loss_scale}),
     )
-    return TrainState(model, optimizer, schedule, examples_seen, guard, ema, checkpoint)
+    return TrainState(model, optimizer, schedule, examples_seen, guard, ema, loss_scale, checkpoint)
 
 
 def manifest(setup: Setup, state: TrainState) -> checkpointing.Manifest:

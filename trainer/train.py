@@ -110,6 +110,16 @@ class _Window:
         }
 
 
+def _loss_scale_record(loss_scale) -> dict[str, float]:
+    """mixed_float16's scale and its overflow skips so far (also in `skipped_updates`' rows)."""
+    if loss_scale is None:
+        return {}
+    return {
+        "loss_scale": float(loss_scale.scale.numpy()),
+        "overflow_skips": int(loss_scale.skipped.numpy()),
+    }
+
+
 def _next_stop(plan_step: int, config: ml_collections.ConfigDict, total: int, milestone) -> int:
     """The next plan step where the host must act; the inner loop runs exactly up to it."""
     stops = [total, plan_step + config.steps_per_loop]
@@ -141,6 +151,7 @@ def _train(
         guard=state.guard,
         jit_compile=config.jit_compile,
         ema=state.ema,
+        loss_scale=state.loss_scale,
     )
     eval_loop = loop.make_eval_loop(strategy=setup.strategy, model=state.model)
     train_iterator = setup.train_iterator(run.examples_seen)
@@ -210,6 +221,7 @@ def _train(
                     "examples_seen": run.examples_seen,
                     "epoch": run.examples_seen / plan.train_examples,
                     "skipped_updates": int(state.guard.skipped.numpy()),
+                    **_loss_scale_record(state.loss_scale),
                 },
             )
             window = _Window()
