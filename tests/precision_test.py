@@ -4,9 +4,9 @@ and resume bitwise after a SIGTERM (on CPU; the hardware is faked for the choice
 import signal
 
 import keras
-import tensorflow as tf
 import numpy as np
 import pytest
+import tensorflow as tf
 import testutil
 from testutil import assert_bitwise_equal, logged, wait_for_step
 
