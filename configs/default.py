@@ -77,6 +77,9 @@ def get_config() -> ml_collections.ConfigDict:
     # GPU or TPU it cannot see (the wrong install; the error names the right one). cpu: train on
     # the CPU on purpose (GPUs hidden from TensorFlow).
     config.distribution.devices = "auto"
+    # GPU memory per GPU: all (TF's default: taken at start-up) | growth (as needed) | a limit in
+    # MiB, e.g. "20000".
+    config.distribution.gpu_memory = "all"
     # multi_worker only. Seconds any one collective (all-reduce, broadcast) may wait for the
     # other workers before the run fails with a message; 0 = wait forever. Catches a worker
     # that is alive (heartbeats still flowing) but stuck. Must exceed the longest gap between

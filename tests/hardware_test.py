@@ -118,3 +118,35 @@ def test_a_cpu_strategy_on_a_tpu_vm_is_refused(strategy):
 def test_bad_devices_field(strategy, devices, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
         distribute.create_strategy(_distribution(strategy, devices), NO_ACCELERATOR)
+
+
+@pytest.mark.parametrize(
+    ("gpu_memory", "calls"),
+    [
+        ("all", []),
+        ("growth", [("growth", "gpu0", True), ("growth", "gpu1", True)]),
+        ("20000", [("limit", "gpu0", 20000), ("limit", "gpu1", 20000)]),
+    ],
+)
+def test_gpu_memory_is_configured_per_gpu(monkeypatch, gpu_memory, calls):
+    made = []
+    monkeypatch.setattr(
+        distribute.tf.config.experimental,
+        "set_memory_growth",
+        lambda gpu, on: made.append(("growth", gpu, on)),
+    )
+    monkeypatch.setattr(
+        distribute.tf.config,
+        "set_logical_device_configuration",
+        lambda gpu, configs: made.append(("limit", gpu, configs[0].memory_limit)),
+    )
+    distribute.configure_gpu_memory(["gpu0", "gpu1"], gpu_memory)
+    assert made == calls
+
+
+@pytest.mark.parametrize("gpu_memory", ["half", "0", "-5", ""])
+def test_bad_gpu_memory_is_refused_even_without_gpus(gpu_memory):
+    config = _distribution("default")
+    config.gpu_memory = gpu_memory
+    with pytest.raises(ConfigError, match=r"distribution.gpu_memory .* use 'all'"):
+        distribute.create_strategy(config, NO_ACCELERATOR)

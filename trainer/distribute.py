@@ -233,6 +233,31 @@ def _check_multi_worker_fields(distribution: ml_collections.ConfigDict) -> None:
             )
 
 
+GPU_MEMORY_HELP = "'all' (TF's default: take it at start), 'growth' or a limit in MiB, e.g. '20000'"
+
+
+def configure_gpu_memory(gpus: list, gpu_memory: str) -> None:
+    """How much of each GPU's memory TensorFlow takes; before the runtime starts.
+
+    TF's default takes nearly all of it at start-up (fastest, fewest fragmentation surprises);
+    `growth` takes it as needed (several jobs on one GPU, or a notebook beside the run); a limit
+    in MiB caps it per GPU.
+    """
+    if gpu_memory == "all":
+        return
+    if gpu_memory != "growth" and not (gpu_memory.isdigit() and int(gpu_memory) > 0):
+        raise ConfigError(
+            f"distribution.gpu_memory ({gpu_memory!r}) is not valid; use {GPU_MEMORY_HELP}"
+        )
+    for gpu in gpus:
+        if gpu_memory == "growth":
+            tf.config.experimental.set_memory_growth(gpu, True)
+        else:
+            tf.config.set_logical_device_configuration(
+                gpu, [tf.config.LogicalDeviceConfiguration(memory_limit=int(gpu_memory))]
+            )
+
+
 def _refuse_silent_cpu_run(
     name: str, hardware: hardware_lib.Hardware, gpus: list[tf.config.PhysicalDevice]
 ) -> None:
@@ -287,6 +312,7 @@ def create_strategy(
             tf.config.set_visible_devices([], "GPU")
         gpus = []
     else:
+        configure_gpu_memory(gpus, distribution.gpu_memory)
         hardware = hardware or hardware_lib.probe()
         _refuse_silent_cpu_run(name, hardware, gpus)
         if name == "auto" and hardware.is_tpu_vm:

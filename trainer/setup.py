@@ -1,6 +1,7 @@
 """Run set-up: the strategy, the data and the plan, resolved once before any variable exists."""
 
 import dataclasses
+import os
 
 import ml_collections
 import tensorflow as tf
@@ -104,10 +105,11 @@ def prepare(config: ml_collections.ConfigDict) -> Setup:
     logging.info(
         "%s | input: %s | deterministic: %s", plan.summary(), setup.input_shape, deterministic
     )
+    devices = distribute.describe_devices(strategy)
+    if "GPU" in devices:
+        allocator = os.environ.get("TF_GPU_ALLOCATOR", "TF's default")
+        devices += f" | gpu memory: {config.distribution.gpu_memory} | allocator: {allocator}"
     logging.info(
-        "devices: %s | precision: %s (%s)",
-        distribute.describe_devices(strategy),
-        model_precision.policy,
-        model_precision.reason,
+        "devices: %s | precision: %s (%s)", devices, model_precision.policy, model_precision.reason
     )
     return setup
