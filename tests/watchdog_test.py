@@ -1,7 +1,6 @@
 """Tests for trainer/watchdog.py: when a watched call counts as hung, and what is dumped."""
 
 import subprocess
-import sys
 import threading
 
 import pytest
@@ -107,29 +106,6 @@ def test_bad_fields_are_one_line_config_errors(field, value, shown):
     config[field] = value
     with pytest.raises(ConfigError, match=shown.replace("(", r"\(").replace(")", r"\)")):
         watchdog.check_config(config)
-
-
-def test_per_call_cost_is_a_few_microseconds():
-    """What the outer loop pays per watched call (the thread is idle meanwhile)."""
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "timeit",
-            "-s",
-            "from trainer import watchdog; "
-            "w = watchdog.Watchdog(factor=10, floor_seconds=60, repeat_seconds=300)",
-            "with w.watch('train loop', 0): pass",
-        ],
-        cwd=testutil.REPO,
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    # "N loops, best of 5: X usec per loop"
-    value, unit = result.stdout.split(":")[-1].split()[:2]
-    assert unit in ("nsec", "usec"), result.stdout
-    assert unit == "nsec" or float(value) < 50, result.stdout
 
 
 @pytest.mark.slow
