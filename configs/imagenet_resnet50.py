@@ -63,6 +63,10 @@ def get_config() -> ml_collections.ConfigDict:
     config.lr.scaling = "linear"
     config.lr.warmup = "linear"
     config.lr.warmup_epochs = 5.0
+    # Goyal et al.'s gradual warmup starts at the unscaled LR (0.1 = the peak x 256 / 1024) and
+    # rises linearly to the peak. A fraction of the peak: set it to 256 / global_batch_size when
+    # changing the global batch (e.g. 1/32 at 8k).
+    config.lr.warmup_start_fraction = 0.25
     config.lr.decay = "piecewise"
     config.lr.boundaries = (30, 60, 80)
     config.lr.boundaries_unit = "epochs"

@@ -51,6 +51,9 @@ def test_the_config_keeps_the_recipe():
         "linear",
     )
     assert (config.lr.warmup, config.lr.warmup_epochs, config.total_epochs) == ("linear", 5, 90)
+    # Warmup from the unscaled LR: peak x reference / global batch = 0.1 at the recipe's batch.
+    start = config.lr.warmup_start_fraction * config.lr.base * config.global_batch_size / 256
+    assert start == pytest.approx(config.lr.base)
     assert tuple(config.lr.boundaries) == (30, 60, 80)
     assert tuple(config.lr.multipliers) == (0.1, 0.01, 0.001)
 
