@@ -380,6 +380,9 @@ def test_restart_on_preemption_passes_a_signal_on_and_does_not_rerun(standins, s
         ["launch/restart_on_preemption.sh", "python", "-m", "trainer.main"],
         cwd=REPO,
         env={**env, "STANDIN_PYTHON_EXITS": "wait 0"},
+        # As from a terminal: a test run started in the background (CI, nohup ... &) inherits
+        # SIGINT ignored, and bash cannot trap a signal that was ignored when it started.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     deadline = time.monotonic() + 20
     while not calls("python") and time.monotonic() < deadline:

@@ -90,6 +90,7 @@ def test_two_workers_train_as_one_job(straight, mirrored):
     assert sorted(os.listdir(workdir)) == [
         "checkpoints",
         "config.json",
+        "export",
         "health.json",
         "health.png",
         "health_steps.jsonl",

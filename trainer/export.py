@@ -77,6 +77,19 @@ def _global_rng_kept() -> Iterator[None]:
         np.random.set_state(numpy_state)
 
 
+@contextlib.contextmanager
+def _absl_level_kept() -> Iterator[None]:
+    """Keras's quiet SavedModel writing sets absl's verbosity and "restores" it as the effective
+    level it read, which pins absl's logger to WARNING: a run exporting at its end silenced the
+    INFO lines (progress, plan) of the next run in the same process."""
+    absl_logger = logging.get_absl_logger()
+    level = absl_logger.level
+    try:
+        yield
+    finally:
+        absl_logger.setLevel(level)
+
+
 def load_model(prefix: str, manifest: checkpointing.Manifest) -> keras.Model:
     """Rebuilds the checkpoint's model (no strategy) and reads the weights the run gives back.
 
@@ -147,8 +160,9 @@ def write_export(
         )
         signatures["serve_image"] = f"one uint8 image [height, width, {channels}], any size"
     tf.io.gfile.makedirs(directory)
-    archive.write_out(directory, verbose=False)
-    model.save(os.path.join(directory, "model.keras"))
+    with _absl_level_kept():
+        archive.write_out(directory, verbose=False)
+        model.save(os.path.join(directory, "model.keras"))
     info = {
         **info,
         "input_shape": list(input_shape),
