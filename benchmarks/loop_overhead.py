@@ -210,6 +210,8 @@ def measure_outer_loop(
                 "--config=configs/default.py",
                 f"--workdir={workdir}",
                 f"--config.dataset.data_dir={data_dir}",
+                # As the minimal loop's model: `auto` would be bfloat16 on AMX CPUs.
+                "--config.precision=float32",
                 f"--config.total_steps={total}",
                 f"--config.steps_per_loop={steps_per_loop}",  # The default config's: 50.
                 f"--config.log_every_steps={steps_per_loop}",  # The default config's: 50.

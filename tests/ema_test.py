@@ -234,14 +234,8 @@ def test_fine_tuning_starts_the_averages_at_the_loaded_weights(tmp_path, data_di
 @pytest.mark.slow
 def test_resume_with_an_ema_is_bitwise_exact(tmp_path, data_dir, monkeypatch):
     config = _config(data_dir, total_steps=30)
-    train.train_and_evaluate(config, str(tmp_path / "straight"))
-    testutil.crash_at(monkeypatch, 25)  # After ckpt-20: resumes there.
-    with pytest.raises(testutil.Crash):
-        train.train_and_evaluate(config, str(tmp_path / "resumed"))
-    monkeypatch.undo()
-    train.train_and_evaluate(config, str(tmp_path / "resumed"))
-    assert os.path.exists(tmp_path / "resumed" / "checkpoints" / "ckpt-30.index")
-    testutil.assert_bitwise_equal(
-        tmp_path / "straight", tmp_path / "resumed", 30, has_dropout=False
-    )
-    assert len(_saved(tmp_path / "resumed", 30, AVERAGES)) == 6  # 3 dense layers' averages.
+    # Crashes after ckpt-20, resumes there.
+    straight, resumed = testutil.straight_and_resumed(config, tmp_path, monkeypatch, 25)
+    assert os.path.exists(resumed / "checkpoints" / "ckpt-30.index")
+    testutil.assert_bitwise_equal(straight, resumed, 30, has_dropout=False)
+    assert len(_saved(resumed, 30, AVERAGES)) == 6  # 3 dense layers' averages.

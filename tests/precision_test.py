@@ -10,7 +10,7 @@ import tensorflow as tf
 import testutil
 from testutil import assert_bitwise_equal, logged, wait_for_step
 
-from trainer import metrics, precision, preemption, train
+from trainer import metrics, precision, preemption
 from trainer.errors import ConfigError
 
 AMX = frozenset({"avx512_bf16", "amx_bf16"})
@@ -112,14 +112,10 @@ def test_mixed_bfloat16_resumes_bitwise_after_sigterm(bf16_run, tmp_path, data_d
 def test_mixed_float16_resumes_bitwise_with_its_loss_scale(tmp_path, data_dir, monkeypatch):
     """The scale is checkpointed: a crash and resume end where the straight run does."""
     config = testutil.tiny_run_config(data_dir, precision="mixed_float16", total_steps=30)
-    train.train_and_evaluate(config, str(tmp_path / "straight"))
-    testutil.crash_at(monkeypatch, 25)  # After ckpt-20: resumes there.
-    with pytest.raises(testutil.Crash):
-        train.train_and_evaluate(config, str(tmp_path / "resumed"))
-    monkeypatch.undo()
-    train.train_and_evaluate(config, str(tmp_path / "resumed"))
-    assert_bitwise_equal(tmp_path / "straight", tmp_path / "resumed", 30, has_dropout=False)
-    saved = testutil.checkpoint_values(tmp_path / "resumed", 30)
+    # Crashes after ckpt-20, resumes there.
+    straight, resumed = testutil.straight_and_resumed(config, tmp_path, monkeypatch, 25)
+    assert_bitwise_equal(straight, resumed, 30, has_dropout=False)
+    saved = testutil.checkpoint_values(resumed, 30)
     assert [n for n in saved if n.startswith("loss_scale/scale")]
-    records = [r for r in metrics.read_records(str(tmp_path / "resumed")) if "loss_scale" in r]
+    records = [r for r in metrics.read_records(str(resumed)) if "loss_scale" in r]
     assert records and all(r["loss_scale"] >= 1 for r in records)

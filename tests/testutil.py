@@ -203,6 +203,25 @@ def crash_at(monkeypatch, step: int) -> None:
     monkeypatch.setattr(metrics.MetricWriter, "write", crashing)
 
 
+def straight_and_resumed(config, tmp_path, monkeypatch, crash_at_step: int):
+    """Runs `config` in-process straight through, and again with a crash (`crash_at`) at
+    `crash_at_step` followed by a rerun that resumes; returns the two workdirs."""
+    from trainer import train
+
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    train.train_and_evaluate(config, str(straight))
+    crash_at(monkeypatch, crash_at_step)
+    try:
+        train.train_and_evaluate(config, str(resumed))
+    except Crash:
+        pass
+    else:
+        raise AssertionError(f"the run did not reach step {crash_at_step} to crash there")
+    monkeypatch.undo()
+    train.train_and_evaluate(config, str(resumed))
+    return straight, resumed
+
+
 def checkpoint_values(workdir, step: int) -> dict[str, np.ndarray]:
     reader = tf.train.load_checkpoint(str(workdir / "checkpoints" / f"ckpt-{step}"))
     names = [n for n in reader.get_variable_to_shape_map() if "OBJECT_GRAPH" not in n]

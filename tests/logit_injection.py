@@ -1,0 +1,51 @@
+"""What nan_injection.py and spike_injection.py share: one update's logits scaled, once.
+
+It wraps the model the compiled train step sees (nothing in the product changes), so the logits
+of update N are multiplied by a factor while an `armed` variable is true; the run's recovery
+method (NaN recovery, health rollback) disarms it, so the recovered run passes update N cleanly.
+"""
+
+from collections.abc import Callable
+
+import tensorflow as tf
+
+from trainer import loop
+from trainer import run as run_lib
+
+
+class _ScaledLogits:
+    """The model, except that its logits are x `factor` in update `update` while `armed`."""
+
+    def __init__(self, model, optimizer, update: int, factor: float, armed: tf.Variable):
+        self._model, self._optimizer = model, optimizer
+        self._update, self._factor, self._armed = update, factor, armed
+
+    def __call__(self, images, training):
+        logits = self._model(images, training=training)
+        hit = tf.logical_and(self._armed, tf.equal(self._optimizer.iterations + 1, self._update))
+        return logits * tf.where(hit, self._factor, 1.0)
+
+    def __getattr__(self, name):
+        return getattr(self._model, name)
+
+
+def install(update: Callable[[], int], factor: Callable[[], float], disarmed_by: str) -> None:
+    """Scales the logits of update `update()` by `factor()` until `Run.<disarmed_by>` runs.
+
+    Callables, read when the train loop is built: the harness's flags are parsed after this."""
+    armed = []  # The variable, made once the strategy exists (a TF op would fix the devices).
+    make_train_loop = loop.make_train_loop
+
+    def injecting_train_loop(*, model, optimizer, **kwargs):
+        armed.append(tf.Variable(True, trainable=False))  # No strategy scope: one host copy.
+        wrapped = _ScaledLogits(model, optimizer, update(), factor(), armed[0])
+        return make_train_loop(model=wrapped, optimizer=optimizer, **kwargs)
+
+    recovery = getattr(run_lib.Run, disarmed_by)
+
+    def disarming_recovery(self, *args):
+        armed[0].assign(False)
+        return recovery(self, *args)
+
+    loop.make_train_loop = injecting_train_loop
+    setattr(run_lib.Run, disarmed_by, disarming_recovery)
