@@ -163,6 +163,33 @@ def test_clipping_uses_the_global_norm_of_the_all_reduced_gradient():
     np.testing.assert_allclose(updates[2], updates[1], rtol=1e-5, atol=1e-9)
 
 
+def test_each_update_all_reduces_its_gradient_once(monkeypatch):
+    """The loop's own all-reduce (for the global norm and clipping) is the only one: the
+    optimizer is handed the reduced gradient instead of reducing it again (a second all-reduce
+    of the whole gradient per update cost 5% of the throughput on 2 replicas)."""
+    strategy = testutil.mirrored(2)
+    _, _, _, _, train_loop = _build(strategy, zero_init=True)
+    reduced = []
+    all_reduce = tf.distribute.ReplicaContext.all_reduce
+
+    def counting_all_reduce(context, reduce_op, value, options=None):
+        reduced.append(len(tf.nest.flatten(value)))
+        return all_reduce(context, reduce_op, value, options)
+
+    monkeypatch.setattr(tf.distribute.ReplicaContext, "all_reduce", counting_all_reduce)
+    train_loop(_iterator(strategy, _split()), tf.constant(1))  # Traced here: one update's graph.
+    num_weights = 2  # The Dense kernel and bias; one all-reduce call per replica.
+    assert reduced == [num_weights] * 2
+
+
+def test_a_keras_without_the_reduce_hook_is_refused():
+    class Optimizer:  # A stand-in for a Keras whose optimizer lost its private hook.
+        pass
+
+    with pytest.raises(RuntimeError, match="install the Keras version pyproject.toml names"):
+        loop._hand_reduced_gradients_to(Optimizer())
+
+
 def test_loop_length_is_a_tensor_so_nothing_retraces():
     strategy = testutil.mirrored(2)
     _, optimizer, _, _, train_loop = _build(strategy, zero_init=False)

@@ -103,6 +103,26 @@ class SpikeGuard(tf.Module):
         return keep
 
 
+def _hand_reduced_gradients_to(optimizer: keras.optimizers.Optimizer) -> None:
+    """Makes `optimizer.apply_gradients` take gradients that are already all-reduced.
+
+    The loop all-reduces each update's gradient itself, because the health signals and clipping
+    need the global gradient before the update. Keras 3's TF optimizer all-reduces again inside
+    `apply_gradients` (in replica context, with no public way to hand it a reduced gradient):
+    a second all-reduce of the whole gradient on every update, 5% of the throughput on two
+    replicas (benchmarks/health_overhead.py). Replacing its `_all_reduce_sum_gradients` on this
+    instance by the identity removes it; only the loop may call this optimizer's
+    `apply_gradients` afterwards. The hook is private, so the Keras range in pyproject.toml is
+    narrow, and a Keras without it is refused here rather than silently reducing twice.
+    """
+    if not callable(getattr(optimizer, "_all_reduce_sum_gradients", None)):
+        raise RuntimeError(
+            f"Keras {keras.__version__}'s optimizer has no _all_reduce_sum_gradients: install "
+            "the Keras version pyproject.toml names (pip install -e .)"
+        )
+    optimizer._all_reduce_sum_gradients = list
+
+
 def make_train_loop(
     *,
     strategy: tf.distribute.Strategy,
@@ -134,6 +154,7 @@ def make_train_loop(
     whose all-reduced gradient is not finite is skipped (see precision.LossScale).
     """
     variables = model.trainable_variables
+    _hand_reduced_gradients_to(optimizer)
 
     @tf.function(jit_compile=jit_compile)
     def forward_backward(images: tf.Tensor, labels: tf.Tensor) -> tuple[tf.Tensor, ...]:
@@ -181,18 +202,15 @@ def make_train_loop(
         loss, correct, grads = forward_backward(images, labels)
         if earlier is not None:
             loss, correct, grads = add(earlier, (loss, correct, grads))
-        # The norm of the all-reduced gradient (the global one; per-replica partial gradients
-        # have another norm). It costs one all-reduce of the gradient on top of the optimizer's
-        # own (Keras reduces inside apply_gradients, with no way to hand it a reduced gradient);
-        # with one replica it is free. Clipping uses it too: Keras 3 would clip before its
-        # all-reduce (the wrong norm), so its own clipnorm is not used.
-        context = tf.distribute.get_replica_context()
-        summed = context.all_reduce(SUM, grads)
+        # The update's only all-reduce; the optimizer gets its result as is (see
+        # `_hand_reduced_gradients_to`). The norm is of the all-reduced gradient, the global one
+        # (per-replica partial gradients have another norm). Clipping uses it too: Keras 3 would
+        # clip before its all-reduce (the wrong norm), so its own clipnorm is not used.
+        summed = tf.distribute.get_replica_context().all_reduce(SUM, grads)
         grad_norm = tf.linalg.global_norm(summed)
-        if grad_clip_norm > 0:  # Keras sums what it gets again: hand it 1/replicas of the sum.
-            clipped, _ = tf.clip_by_global_norm(summed, grad_clip_norm, use_norm=grad_norm)
-            grads = [grad / context.num_replicas_in_sync for grad in clipped]
-        return loss, correct, grad_norm, grads
+        if grad_clip_norm > 0:
+            summed, _ = tf.clip_by_global_norm(summed, grad_clip_norm, use_norm=grad_norm)
+        return loss, correct, grad_norm, summed
 
     def apply(grads: list[tf.Tensor]) -> None:
         optimizer.apply_gradients(zip(grads, variables, strict=True))
