@@ -158,6 +158,9 @@ def test_monitor_reports_the_same_in_chunks_and_after_a_replay(chunk):
     ("case", "verdict"),
     [
         ("healthy decrease", "healthy"),
+        ("single loss spike", "spikes"),
+        ("gradient-norm spike alone", "spikes"),
+        ("NaN loss", "explodes"),
         ("sustained explosion", "explodes"),
         ("oscillation", "oscillates"),
         ("plateau at a healthy LR", "stalls"),
@@ -240,7 +243,7 @@ def test_report_from_the_files_of_a_run(tmp_path):
         for event in events:
             f.write(json.dumps({"step": event.step, "kind": "health", **event.record()}) + "\n")
     summary = report.write(str(tmp_path))
-    assert summary["verdict"] == "explodes"
+    assert summary["verdict"] == "spikes"
     assert summary["updates"] == N and summary["last_step"] == N
     assert [e["step"] for e in summary["events"]] == [251]
     assert json.loads((tmp_path / "health.json").read_text()) == summary

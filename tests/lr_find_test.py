@@ -20,10 +20,33 @@ def test_smoothing_is_a_bias_corrected_moving_average():
     assert lr_find.smooth([1.0, 3.0], beta)[1] == pytest.approx(expected_second)
 
 
-def test_suggestion_is_a_tenth_of_the_lr_at_the_smoothed_minimum():
-    learning_rates = list(np.geomspace(1e-4, 1.0, 9))
-    smoothed = [3, 2.9, 2.5, 2.0, 1.5, 1.2, 1.4, 2.5, 6.0]
-    assert lr_find.suggest(learning_rates, smoothed) == pytest.approx(learning_rates[5] / 10)
+LRS = list(np.geomspace(1e-4, 1.0, 9))
+# Falls slowly, then fastest around index 3, lowest at 5, then diverges.
+CURVE = [3.0, 2.9, 2.7, 2.4, 1.4, 1.2, 1.4, 2.5, 6.0]
+# Noisy start (a bump at 1), one long decreasing stretch from 1 to 7, then up.
+NOISY = [3.0, 3.2, 3.1, 2.6, 2.5, 2.0, 1.2, 1.0, 4.0]
+
+
+@pytest.mark.parametrize(
+    ("rule", "curve", "expected"),
+    [
+        ("minimum/10", CURVE, LRS[5] / 10),
+        ("minimum/3", CURVE, LRS[5] / 3),
+        ("steepest", CURVE, LRS[3]),  # Central differences: -0.65 at 3, -0.6 at 4.
+        ("valley", CURVE, LRS[2]),  # Longest decrease 0..5: its middle.
+        ("minimum/3", NOISY, LRS[7] / 3),
+        ("valley", NOISY, LRS[4]),  # The bump ends the first run: 1..7, middle 4.
+        ("steepest", NOISY, LRS[5]),  # -0.65 at 5 (the minimum at 7 bounds the search).
+    ],
+)
+def test_each_rule_reads_its_lr_off_the_curve(rule, curve, expected):
+    assert lr_find.suggest(LRS, curve, rule) == pytest.approx(expected)
+
+
+def test_the_default_rule_is_the_validated_one():
+    """docs/lr_selection.md: a third of the minimum came closest to the best short-run LR."""
+    assert lr_find.DEFAULT_RULE == "minimum/3"
+    assert lr_find.suggest(LRS, CURVE) == pytest.approx(LRS[5] / 3)
 
 
 def test_no_suggestion_from_a_flat_curve():

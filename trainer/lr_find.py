@@ -3,7 +3,11 @@
   python -m trainer.lr_find --config=configs/default.py --workdir=/tmp/tfscale
 
 Runs the real model, data, strategy and compiled train step; writes only WORKDIR/lr_find/
-(lr_find.json, lr_find.png) and never reads or writes the run's checkpoints.
+(lr_find.json, lr_find.png) and never reads or writes the run's checkpoints. The suggestion is
+the peak LR `--rule` reads off the smoothed curve: by default a third of the LR at its minimum,
+the rule that came closest to the best LR of grids of short runs on three set-ups
+(docs/lr_selection.md; a tenth, the usual reading, was 2.6-5.8x too low there). The LR the
+suggestion holds up at is for `python -m trainer.lr_sweep` to check.
 """
 
 import dataclasses
@@ -23,9 +27,9 @@ from trainer import setup as setup_lib
 from trainer import state as state_lib
 from trainer.errors import ConfigError
 
-_MIN_LR = flags.DEFINE_float("min_lr", 1e-4, "First LR of the sweep.")
-_MAX_LR = flags.DEFINE_float("max_lr", 10.0, "Last LR of the sweep.")
-_NUM_STEPS = flags.DEFINE_integer("num_steps", 300, "Steps of the sweep.")
+MIN_LR = flags.DEFINE_float("min_lr", 1e-4, "First LR of the sweep.")
+MAX_LR = flags.DEFINE_float("max_lr", 10.0, "Last LR of the sweep.")
+NUM_STEPS = flags.DEFINE_integer("num_steps", 300, "Steps of the sweep.")
 
 
 @keras.saving.register_keras_serializable(package="tfscale")
@@ -48,8 +52,10 @@ class Result:
     learning_rates: list[float]
     losses: list[float]
     smoothed: list[float]
+    rule: str  # Which of RULES made the suggestion.
     suggested_lr: float | None  # For the run's real global batch (a peak LR); None: no decrease.
     suggested_base_lr: float | None  # Scaled back to lr.reference_batch_size (for lr.base).
+    suggestions: dict[str, float | None]  # What every rule of RULES reads off (peak LRs).
     seconds: float
 
 
@@ -62,16 +68,59 @@ def smooth(losses: list[float], beta: float = 0.9) -> list[float]:
     return smoothed
 
 
-def suggest(learning_rates: list[float], smoothed: list[float]) -> float | None:
-    """One tenth of the LR at the smoothed-loss minimum: the usual, conservative reading.
+def _minimum(smoothed: np.ndarray) -> int:
+    return int(np.argmin(smoothed))
+
+
+def _steepest(smoothed: np.ndarray) -> int:
+    """Where the smoothed loss falls fastest per unit of log LR, before its minimum (fastai's
+    `steep`). The LRs are log-spaced, so the slope per step is the slope per log LR."""
+    before_minimum = smoothed[: _minimum(smoothed) + 1]
+    if len(before_minimum) < 2:
+        return 0
+    return int(np.argmin(np.gradient(before_minimum)))
+
+
+def _valley(smoothed: np.ndarray) -> int:
+    """The middle of the longest valley (fastai's `valley`, as its docs define it): the longest
+    decreasing subsequence of the smoothed loss, read as the stretch from its first to its last
+    index, which tolerates the noise that breaks up any strictly falling run."""
+    longest = np.ones(len(smoothed), dtype=int)  # Longest decreasing subsequence ending at i.
+    first = np.arange(len(smoothed))  # Where that subsequence starts.
+    for i in range(1, len(smoothed)):
+        for j in range(i):
+            if smoothed[i] < smoothed[j] and longest[j] + 1 > longest[i]:
+                longest[i], first[i] = longest[j] + 1, first[j]
+    end = int(np.argmax(longest))
+    return (int(first[end]) + end) // 2
+
+
+# Candidate rules: the index on the sweep's curve, and the factor its LR is divided by. Compared
+# against grids of short training runs on three set-ups in docs/lr_selection.md; DEFAULT_RULE is
+# the one that came closest there.
+RULES = {
+    "minimum/10": (_minimum, 10.0),  # The classic conservative reading (Smith; fastai v1).
+    "minimum/3": (_minimum, 3.0),
+    "steepest": (_steepest, 1.0),
+    "valley": (_valley, 1.0),
+}
+DEFAULT_RULE = "minimum/3"
+RULE = flags.DEFINE_enum("rule", DEFAULT_RULE, list(RULES), "How the suggestion is read off.")
+
+
+def suggest(
+    learning_rates: list[float], smoothed: list[float], rule: str = DEFAULT_RULE
+) -> float | None:
+    """The LR `rule` (a key of RULES) reads off the sweep's smoothed loss curve.
 
     None when the loss never fell by 5%: the minimum of a flat, noisy curve means nothing (a
     model that needs a few hundred steps to start learning, swept in too few steps).
     """
-    best = int(np.argmin(smoothed))
-    if smoothed[best] > 0.95 * smoothed[0]:
+    curve = np.asarray(smoothed, dtype=float)
+    if curve[_minimum(curve)] > 0.95 * curve[0]:
         return None
-    return learning_rates[best] / 10
+    index, divisor = RULES[rule]
+    return learning_rates[index(curve)] / divisor
 
 
 def run(
@@ -81,6 +130,7 @@ def run(
     min_lr: float,
     max_lr: float,
     num_steps: int,
+    rule: str = DEFAULT_RULE,
     divergence: float = 4.0,
 ) -> Result:
     """Sweeps the LR on the real set-up; stops early once the loss exceeds `divergence` x best."""
@@ -112,7 +162,8 @@ def run(
             break
     finite = [x if math.isfinite(x) else float("inf") for x in losses]
     smoothed = smooth(finite)
-    suggested = suggest(learning_rates, smoothed)
+    suggestions = {name: suggest(learning_rates, smoothed, name) for name in RULES}
+    suggested = suggestions[rule]
     plan = setup.plan
     scale = learning_rate.scale_learning_rate(
         1.0, plan.reference_batch_size, plan.global_batch_size, plan.lr_scaling
@@ -121,8 +172,10 @@ def run(
         learning_rates=learning_rates,
         losses=losses,
         smoothed=smoothed,
+        rule=rule,
         suggested_lr=suggested,
         suggested_base_lr=None if suggested is None else suggested / scale,
+        suggestions=suggestions,
         seconds=time.monotonic() - started,
     )
     if setup.topology.is_chief:
@@ -143,7 +196,9 @@ def _write(result: Result, directory: str) -> None:
     axes.plot(result.learning_rates, result.losses, alpha=0.3, label="loss")
     axes.plot(result.learning_rates, result.smoothed, label="smoothed")
     if result.suggested_lr is not None:
-        axes.axvline(result.suggested_lr, color="red", linestyle="--", label="suggested")
+        axes.axvline(
+            result.suggested_lr, color="red", linestyle="--", label=f"suggested ({result.rule})"
+        )
     axes.set_xscale("log")
     axes.set_xlabel("learning rate (this global batch)")
     axes.set_ylabel("train loss")
@@ -159,9 +214,10 @@ def main(argv: list[str]) -> None:
     result = run(
         cli.CONFIG.value,
         cli.WORKDIR.value,
-        min_lr=_MIN_LR.value,
-        max_lr=_MAX_LR.value,
-        num_steps=_NUM_STEPS.value,
+        min_lr=MIN_LR.value,
+        max_lr=MAX_LR.value,
+        num_steps=NUM_STEPS.value,
+        rule=RULE.value,
     )
     written = os.path.join(cli.WORKDIR.value, "lr_find")
     if result.suggested_lr is None:

@@ -47,7 +47,7 @@ from trainer.loop import SIGNALS
 
 KINDS = ("spike", "explode", "stall", "oscillate", "lr_not_applied")
 ACTIONS = ("warn", "skip", "rollback")
-VERDICTS = ("explodes", "oscillates", "stalls", "healthy")
+VERDICTS = ("explodes", "oscillates", "stalls", "spikes", "healthy")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -483,14 +483,17 @@ def detect(
 
 
 def classify(events: list[Event]) -> str:
-    """A run's verdict from its events: explodes (a spike, a non-finite or exploding loss) >
-    oscillates > stalls > healthy. An LR that was not applied is reported but is no verdict
-    on the LR's value."""
+    """A run's verdict from its events: explodes (a non-finite or exploding loss) > oscillates >
+    stalls > spikes (isolated spikes only, which the run survived: e.g. the gradient norm's jump
+    when a network leaves its initial plateau) > healthy. An LR that was not applied is
+    reported but is no verdict on the LR's value."""
     kinds = {event.kind for event in events}
-    if kinds & {"spike", "explode"}:
+    if "explode" in kinds:
         return "explodes"
     if "oscillate" in kinds:
         return "oscillates"
     if "stall" in kinds:
         return "stalls"
+    if "spike" in kinds:
+        return "spikes"
     return "healthy"

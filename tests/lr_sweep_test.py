@@ -1,0 +1,172 @@
+"""The LR stability sweep: trials through the real trainer, health verdicts, a recommendation that
+holds up, cheap to stop and resume."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+import testutil
+
+from trainer import lr_sweep, preemption
+from trainer.errors import ConfigError
+
+
+def _trial(base_lr: float, verdict: str, end_loss: float) -> lr_sweep.Trial:
+    return lr_sweep.Trial(base_lr, 2 * base_lr, verdict, end_loss, {}, [], f"lr_{base_lr}")
+
+
+@pytest.mark.parametrize(
+    ("trials", "recommended", "readings"),
+    [
+        (  # The classic picture: too slow, good, oscillating, exploding.
+            [
+                (0.01, "healthy", 1.2),
+                (0.1, "healthy", 0.2),
+                (1, "oscillates", 0.9),
+                (10, "explodes", math.inf),
+            ],
+            0.1,
+            ["too slow", "recommended", "oscillates", "explodes"],
+        ),
+        (  # A stall below the pick is an LR too small; above it, a dead network.
+            [(0.001, "stalls", 2.3), (0.1, "healthy", 0.2), (1, "stalls", 2.3)],
+            0.1,
+            ["too slow", "recommended", "stalls"],
+        ),
+        (  # A run that survived a spike can still be the best; a healthy one above it is not slow.
+            [(0.1, "healthy", 0.5), (0.3, "spikes", 0.3), (1, "healthy", 0.4)],
+            0.3,
+            ["too slow", "recommended", "healthy"],
+        ),
+        (  # Nothing trainable: no pick, every verdict stands.
+            [(1, "stalls", 2.3), (10, "explodes", math.inf)],
+            None,
+            ["stalls", "explodes"],
+        ),
+    ],
+)
+def test_recommendation_and_readings(trials, recommended, readings):
+    trials = [_trial(*t) for t in trials]
+    pick, reason = lr_sweep.recommend(trials)
+    sweep = lr_sweep.Sweep(trials, 100, pick, reason)
+    assert (pick and pick.base_lr) == recommended
+    assert [sweep.reading(t) for t in trials] == readings
+    if pick is None:
+        assert "widen the grid" in reason
+
+
+def test_reason_names_where_training_breaks():
+    trials = [_trial(0.1, "healthy", 0.2), _trial(0.4, "oscillates", 1), _trial(1.6, "stalls", 2)]
+    _, reason = lr_sweep.recommend(trials)
+    assert reason.endswith("from lr.base 0.4 up, trials oscillates/stalls")
+
+
+def test_end_loss_is_the_median_of_the_last_tenth():
+    losses = np.concatenate([np.full(90, 5.0), [1.0, 1.0, 1.0, 1.0, 1.0, 2.0, 2.0, 2.0, 2.0, 9.0]])
+    assert lr_sweep.end_loss(losses) == 1.5
+    assert lr_sweep.end_loss(np.array([1.0, np.nan])) == math.inf
+    assert lr_sweep.end_loss(np.array([3.0])) == 3.0
+
+
+def test_a_trial_is_the_run_compressed_with_nothing_that_hides_instability():
+    config = testutil.config_with(
+        **{
+            "total_epochs": 10.0,
+            "nan_policy": "recover",
+            "health.action": "skip",
+            "lr.milestones": (3,),
+            "lr.milestone_values": (0.1,),
+            "lr.plateau_metric": "eval_loss",
+            "export_at_end": True,
+            "best_metric": "eval_accuracy",
+        }
+    )
+    trial = lr_sweep.trial_config(config, 0.05, 250)
+    assert (trial.lr.base, trial.total_steps, trial.total_epochs) == (0.05, 250, None)
+    assert (trial.nan_policy, trial.health.action) == ("fail", "warn")
+    assert (trial.lr.milestones, trial.lr.plateau_metric) == ((), "")
+    assert (trial.export_at_end, trial.best_metric, trial.checkpoint_every_steps) == (
+        False,
+        "",
+        200,
+    )
+    assert trial.lr.warmup_steps == config.lr.warmup_steps and trial.optimizer == config.optimizer
+    assert config.nan_policy == "recover"  # The run's config is left alone.
+
+
+def test_default_trial_length_is_the_warmup_plus_two_trend_windows():
+    assert lr_sweep.default_trial_steps(50, 600, 100) == 250
+    assert lr_sweep.default_trial_steps(50, 200, 100) == 200
+
+
+def _tiny(data_dir):
+    return testutil.tiny_run_config(data_dir, **{"deterministic": False})
+
+
+def test_a_stopped_sweep_resumes_without_redoing_finished_trials(tmp_path, data_dir, monkeypatch):
+    config = _tiny(data_dir)
+    calls = []
+    train_and_evaluate = lr_sweep.train.train_and_evaluate
+
+    def preempted_in_second_trial(trial_config, workdir):
+        calls.append(trial_config.lr.base)
+        if len(calls) == 2:
+            raise preemption.Preempted(None)
+        return train_and_evaluate(trial_config, workdir)
+
+    monkeypatch.setattr(lr_sweep.train, "train_and_evaluate", preempted_in_second_trial)
+    with pytest.raises(preemption.Preempted):
+        lr_sweep.run(config, str(tmp_path), base_lrs=[0.1, 0.4], trial_steps=10)
+    first = tmp_path / "lr_sweep" / "trials" / "lr_base_0.1" / lr_sweep.TRIAL_FILE
+    finished = first.read_text()
+
+    calls.clear()
+    monkeypatch.setattr(
+        lr_sweep.train,
+        "train_and_evaluate",
+        lambda c, w: calls.append(c.lr.base) or train_and_evaluate(c, w),
+    )
+    sweep = lr_sweep.run(config, str(tmp_path), trial_steps=10)  # The grid comes from disk.
+    assert calls == [0.4]
+    assert first.read_text() == finished
+    assert [t.base_lr for t in sweep.trials] == [0.1, 0.4]
+    out = tmp_path / "lr_sweep"
+    assert (out / "lr_sweep.png").read_bytes().startswith(testutil.PNG_MAGIC)
+    table = (out / "lr_sweep.md").read_text()
+    assert "| 0.1 |" in table and "| 0.4 |" in table
+    saved = json.loads((out / "lr_sweep.json").read_text())
+    assert len(saved["trials"]) == 2 and saved["trial_steps"] == 10
+    assert not (tmp_path / "metrics.jsonl").exists()  # The run's own workdir is untouched.
+
+    with pytest.raises(ConfigError, match="rerun without --lrs to continue it"):
+        lr_sweep.run(config, str(tmp_path), base_lrs=[0.2], trial_steps=10)
+
+
+def test_trials_must_reach_the_peak(tmp_path, data_dir):
+    with pytest.raises(ConfigError, match=r"--trial_steps \(2\) must exceed the warmup \(2 steps"):
+        lr_sweep.run(_tiny(data_dir), str(tmp_path), base_lrs=[0.1], trial_steps=2)
+
+
+@pytest.mark.slow
+def test_default_config_sweep_picks_an_lr_within_a_point_of_the_best(tmp_path, data_dir):
+    """The default config (float32, Mirrored over 2 logical CPUs as the stand-in for 2 GPUs):
+    too low is too slow, far too high is caught by the health rules, and the pick's eval
+    accuracy is within 1 point of the best trial's."""
+    config = testutil.config_with(
+        **{
+            "dataset.data_dir": data_dir,
+            "distribution.strategy": "mirrored",
+            "distribution.cpu_replicas": 2,
+        }
+    )
+    sweep = lr_sweep.run(config, str(tmp_path), base_lrs=[0.025, 0.2, 0.4, 1.6], trial_steps=250)
+    readings = {t.base_lr: sweep.reading(t) for t in sweep.trials}
+    assert readings[0.025] == "too slow"
+    assert readings[1.6] in ("explodes", "stalls", "oscillates")
+    assert sweep.recommended is not None and sweep.recommended.verdict in lr_sweep.TRAINABLE
+    accuracy = {t.base_lr: t.eval_metrics["eval_accuracy"] for t in sweep.trials}
+    assert max(accuracy.values()) > 0.9  # Far above chance (0.1): the comparison means something.
+    assert accuracy[sweep.recommended.base_lr] >= max(accuracy.values()) - 0.01
+    # Reported for the real global batch (128 of reference 256, linear) and as lr.base.
+    assert sweep.recommended.peak_lr == pytest.approx(sweep.recommended.base_lr / 2)
