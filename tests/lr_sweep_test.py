@@ -59,7 +59,7 @@ def test_recommendation_and_readings(trials, recommended, readings):
 def test_reason_names_where_training_breaks():
     trials = [_trial(0.1, "healthy", 0.2), _trial(0.4, "oscillates", 1), _trial(1.6, "stalls", 2)]
     _, reason = lr_sweep.recommend(trials)
-    assert reason.endswith("from lr.base 0.4 up, trials oscillates/stalls")
+    assert reason.endswith("from lr.base 0.4 up: oscillates, stalls")
 
 
 def test_end_loss_is_the_median_of_the_last_tenth():

@@ -37,7 +37,7 @@ from trainer.run import NonFiniteLossError
 _LRS = flags.DEFINE_list("lrs", [], "Values of lr.base to try; [] = --factors x lr_find's pick.")
 _FACTORS = flags.DEFINE_list(
     "factors",
-    ["0.125", "0.25", "0.5", "1", "2", "4", "8"],
+    ["0.25", "0.5", "1", "2", "4"],
     "Multiples of the range test's suggested lr.base to try (without --lrs).",
 )
 _TRIAL_STEPS = flags.DEFINE_integer(
@@ -154,7 +154,7 @@ def recommend(trials: list[Trial]) -> tuple[Trial | None, str]:
     )
     above = [t for t in trials if t.base_lr > best.base_lr and t.verdict not in TRAINABLE]
     if above:
-        reason += f"; from lr.base {min(t.base_lr for t in above):.4g} up, trials " + "/".join(
+        reason += f"; from lr.base {min(t.base_lr for t in above):.4g} up: " + ", ".join(
             sorted({t.verdict for t in above})
         )
     return best, reason
