@@ -9,6 +9,7 @@ repeated or skipped example. It needs random access to examples, which sources.p
 memory or ArrayRecord files).
 """
 
+import sys
 from collections.abc import Callable
 
 import tensorflow as tf
@@ -53,10 +54,11 @@ def _replica_positions(
     per_replica = context.get_per_replica_batch_size(batch_size)
     replicas_per_worker = context.num_replicas_in_sync // context.num_input_pipelines
     first_replica = context.input_pipeline_id * replicas_per_worker
-    if num_steps is None:
-        elements = tf.data.Dataset.counter(0, dtype=tf.int64)
-    else:
-        elements = tf.data.Dataset.range(num_steps * replicas_per_worker)
+    if num_steps is None:  # Endless: more than any run reads, with positions within int64.
+        num_steps = sys.maxsize // (2 * batch_size)
+    # A range, not `Dataset.counter`: the tf.data service splits a range among its workers
+    # element by element, while a counter (a scan) would run whole on each, each making every batch.
+    elements = tf.data.Dataset.range(num_steps * replicas_per_worker)
 
     def positions(element: tf.Tensor) -> tf.Tensor:
         step = element // replicas_per_worker
