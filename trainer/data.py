@@ -14,6 +14,7 @@ from collections.abc import Callable
 
 import tensorflow as tf
 
+from trainer import data_service
 from trainer import preprocessing as preprocessing_lib
 from trainer.errors import ConfigError
 from trainer.sources import Split
@@ -112,13 +113,16 @@ def train_dataset_fn(
     seed: int,
     preprocessing: preprocessing_lib.Preprocessing = IDENTITY,
     accumulation_steps: int = 1,
+    service_address: str = "",
 ):
     """Returns a `dataset_fn` for `strategy.distribute_datasets_from_function`: endless, shuffled
     per epoch, starting at `start_position` examples into the stream.
 
     Each element is a micro-batch of `global_batch_size / accumulation_steps` examples (all
     replicas together); `accumulation_steps` consecutive ones are one update's global batch, the
-    same examples as without accumulation, so positions count examples either way.
+    same examples as without accumulation, so positions count examples either way. With a
+    `service_address`, everything up to the finished replica batches runs on that tf.data
+    service's workers (data_service.py says what that preserves); only the prefetch runs here.
     """
     if global_batch_size > split.num_examples:
         raise ConfigError(
@@ -137,7 +141,10 @@ def train_dataset_fn(
         indexed = positions.map(lambda p: (_shuffled_indices(p, split.num_examples, seed), p))
         per_replica = context.get_per_replica_batch_size(micro_batch_size)
         batches = _replica_batches(split, indexed, preprocessing, transform, per_replica)
-        return batches.map(lambda images, labels, _: (images, labels)).prefetch(tf.data.AUTOTUNE)
+        batches = batches.map(lambda images, labels, _: (images, labels))
+        if service_address:
+            batches = data_service.distribute(batches, service_address)
+        return batches.prefetch(tf.data.AUTOTUNE)
 
     return dataset_fn
 
