@@ -13,13 +13,20 @@ What it preserves (measured in tests/data_service_test.py; BUILD_NOTES.md has th
   that were in flight at the checkpoint).
 """
 
+from __future__ import annotations
+
 import re
 import socket
+from typing import TYPE_CHECKING
 
-import tensorflow as tf
-
-from trainer import sources
 from trainer.errors import ConfigError, UserError
+
+# TensorFlow (and sources.py, which imports it) load inside the functions: `python -m
+# trainer.data_service` imports this package first, and must start TensorFlow quietly itself.
+if TYPE_CHECKING:
+    import tensorflow as tf
+
+    from trainer import sources
 
 CONNECT_TIMEOUT_SECONDS = 10.0
 _ADDRESS = re.compile(r"(?:grpc://)?(?P<host>[^\s:/]+):(?P<port>\d+)")
@@ -48,6 +55,8 @@ def check(address: str, split: sources.Split) -> None:
       ConfigError: a malformed address, or a split read through a `py_function`.
       UserError: nothing answers at the address.
     """
+    from trainer import sources
+
     host, port = _host_and_port(address)
     if isinstance(split, sources.RecordSplit):
         raise ConfigError(
@@ -73,6 +82,8 @@ def distribute(dataset: tf.data.Dataset, address: str) -> tf.data.Dataset:
     earlier iterator of the same name, and a resumed run would continue that job's stream instead
     of starting at its checkpoint (measured: TF reattaches even when the dataset differs).
     """
+    import tensorflow as tf
+
     return dataset.apply(
         tf.data.experimental.service.distribute(
             processing_mode=tf.data.experimental.service.ShardingPolicy.DYNAMIC,
