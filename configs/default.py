@@ -109,6 +109,10 @@ def get_config() -> ml_collections.ConfigDict:
     config.dataset.image_size = config_dict.placeholder(int)
     config.dataset.augment = "none"  # none | inception_crop (random-resized crop + flip)
     config.dataset.center_crop_fraction = 1.0  # ImageNet: 0.875 (resize 256, crop 224).
+    # HOST:PORT of a tf.data service dispatcher whose workers run the train pipeline (started with
+    # python -m trainer.data_service); eval stays local. One worker gives the local pipeline's
+    # batches; more give each batch once but not in order (README, Multiple machines). "" = local.
+    config.dataset.service_address = ""
 
     config.model = ml_collections.ConfigDict()
     config.model.name = "small_cnn"  # mlp | small_cnn | resnet_cifar | resnet50

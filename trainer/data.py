@@ -9,10 +9,12 @@ repeated or skipped example. It needs random access to examples, which sources.p
 memory or ArrayRecord files).
 """
 
+import sys
 from collections.abc import Callable
 
 import tensorflow as tf
 
+from trainer import data_service
 from trainer import preprocessing as preprocessing_lib
 from trainer.errors import ConfigError
 from trainer.sources import Split
@@ -53,10 +55,11 @@ def _replica_positions(
     per_replica = context.get_per_replica_batch_size(batch_size)
     replicas_per_worker = context.num_replicas_in_sync // context.num_input_pipelines
     first_replica = context.input_pipeline_id * replicas_per_worker
-    if num_steps is None:
-        elements = tf.data.Dataset.counter(0, dtype=tf.int64)
-    else:
-        elements = tf.data.Dataset.range(num_steps * replicas_per_worker)
+    if num_steps is None:  # Endless: more than any run reads, with positions within int64.
+        num_steps = sys.maxsize // (2 * batch_size)
+    # A range, not `Dataset.counter`: the tf.data service splits a range among its workers
+    # element by element, while a counter (a scan) would run whole on each, each making every batch.
+    elements = tf.data.Dataset.range(num_steps * replicas_per_worker)
 
     def positions(element: tf.Tensor) -> tf.Tensor:
         step = element // replicas_per_worker
@@ -110,13 +113,16 @@ def train_dataset_fn(
     seed: int,
     preprocessing: preprocessing_lib.Preprocessing = IDENTITY,
     accumulation_steps: int = 1,
+    service_address: str = "",
 ):
     """Returns a `dataset_fn` for `strategy.distribute_datasets_from_function`: endless, shuffled
     per epoch, starting at `start_position` examples into the stream.
 
     Each element is a micro-batch of `global_batch_size / accumulation_steps` examples (all
     replicas together); `accumulation_steps` consecutive ones are one update's global batch, the
-    same examples as without accumulation, so positions count examples either way.
+    same examples as without accumulation, so positions count examples either way. With a
+    `service_address`, everything up to the finished replica batches runs on that tf.data
+    service's workers (data_service.py says what that preserves); only the prefetch runs here.
     """
     if global_batch_size > split.num_examples:
         raise ConfigError(
@@ -135,7 +141,10 @@ def train_dataset_fn(
         indexed = positions.map(lambda p: (_shuffled_indices(p, split.num_examples, seed), p))
         per_replica = context.get_per_replica_batch_size(micro_batch_size)
         batches = _replica_batches(split, indexed, preprocessing, transform, per_replica)
-        return batches.map(lambda images, labels, _: (images, labels)).prefetch(tf.data.AUTOTUNE)
+        batches = batches.map(lambda images, labels, _: (images, labels))
+        if service_address:
+            batches = data_service.distribute(batches, service_address)
+        return batches.prefetch(tf.data.AUTOTUNE)
 
     return dataset_fn
 

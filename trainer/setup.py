@@ -7,7 +7,16 @@ import ml_collections
 import tensorflow as tf
 from absl import logging
 
-from trainer import data, distribute, hardware, learning_rate, precision, preprocessing, sources
+from trainer import (
+    data,
+    data_service,
+    distribute,
+    hardware,
+    learning_rate,
+    precision,
+    preprocessing,
+    sources,
+)
 from trainer import plan as plan_lib
 
 
@@ -41,6 +50,7 @@ class Setup:
             seed=self.config.seed,
             preprocessing=self.preprocessing,
             accumulation_steps=self.plan.accumulation_steps,
+            service_address=self.config.dataset.service_address,
         )
         return iter(self.strategy.distribute_datasets_from_function(dataset_fn))
 
@@ -83,6 +93,9 @@ def prepare(config: ml_collections.ConfigDict) -> Setup:
     image_preprocessing = preprocessing.from_config(config.dataset)
     train_split = sources.load_split(config.dataset, config.dataset.train_split)
     eval_split = sources.load_split(config.dataset, config.dataset.eval_split)
+    service_address = config.dataset.service_address
+    if service_address:
+        data_service.check(service_address, train_split)
     plan = plan_lib.make_plan(
         config,
         num_replicas=topology.num_replicas,
@@ -112,4 +125,10 @@ def prepare(config: ml_collections.ConfigDict) -> Setup:
     logging.info(
         "devices: %s | precision: %s (%s)", devices, model_precision.policy, model_precision.reason
     )
+    if service_address:
+        logging.info(
+            "train input: on the tf.data service at %s (the local pipeline's batches with one "
+            "service worker; with more, each batch once but not in order)",
+            service_address,
+        )
     return setup
