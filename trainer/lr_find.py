@@ -99,8 +99,8 @@ def _valley(smoothed: np.ndarray) -> int:
 # against grids of short training runs on three set-ups in docs/lr_selection.md; DEFAULT_RULE is
 # the one that came closest there.
 RULES = {
-    "minimum/10": (_minimum, 10.0),  # The classic conservative reading (Smith; fastai v1).
-    "minimum/3": (_minimum, 3.0),
+    "minimum/10": (_minimum, 10.0),  # The classic reading (fastai v1: an order of magnitude).
+    "minimum/3": (_minimum, 3.0),  # Smith 2017, 3.3: "1/3 or 1/4" of the largest LR that converges.
     "steepest": (_steepest, 1.0),
     "valley": (_valley, 1.0),
 }
