@@ -7,7 +7,6 @@ loops really trained and did not retrace is.
 import importlib.util
 import json
 import os
-import subprocess
 import sys
 
 import pytest
@@ -70,7 +69,7 @@ def test_loop_overhead_script_runs_end_to_end(data_dir):
     """The script as documented, tiny and on 1 replica: its flags, both loops, the outer loop in
     a `python -m trainer.main` process, and its report."""
     shapes.load_or_prepare(data_dir)  # Prepared here: TFDS would print to the script's stdout.
-    result = subprocess.run(
+    result = testutil.run_command(
         [
             sys.executable,
             "benchmarks/loop_overhead.py",
@@ -79,15 +78,8 @@ def test_loop_overhead_script_runs_end_to_end(data_dir):
             "--steps=2",
             "--steps_per_loop=1",
             "--repeats=1",
-        ],
-        cwd=testutil.REPO,
-        env=testutil.ENV,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        check=False,
+        ]
     )
-    assert result.returncode == 0, result.stderr[-3000:]
     loops, outer = json.loads(result.stdout)
     assert loops["replicas"] == 1
     assert loops["retraces"] == 0 and loops["trainer_updates"] == 3

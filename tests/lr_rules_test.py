@@ -1,7 +1,6 @@
 """experiments/lr_rules/: how a rule is scored, and the smoke run through lr_find and lr_sweep."""
 
 import json
-import subprocess
 import sys
 
 import pytest
@@ -42,7 +41,7 @@ def test_the_table_gives_each_rule_its_cost():
 
 @pytest.mark.slow
 def test_smoke_run_writes_the_table(tmp_path, data_dir):
-    result = subprocess.run(
+    testutil.run_command(
         [
             sys.executable,
             "-m",
@@ -51,14 +50,8 @@ def test_smoke_run_writes_the_table(tmp_path, data_dir):
             f"--output_dir={tmp_path}",
             f"--data_dir={data_dir}",
         ],
-        cwd=testutil.REPO,
-        env=testutil.ENV,
-        capture_output=True,
-        text=True,
         timeout=300,
-        check=False,
     )
-    assert result.returncode == 0, result.stderr[-3000:]
     (setup,) = json.loads((tmp_path / "results.json").read_text())
     assert sorted(setup["suggested_base_lrs"]) == sorted(lr_rules.lr_find.RULES)
     assert sorted(float(lr) for lr in setup["eval_accuracy"]) == [0.05, 0.2]

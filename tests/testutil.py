@@ -116,22 +116,28 @@ def main_command(
     return [sys.executable, "-m", module, *flags]
 
 
-def run_with_nan_at(update: int, workdir, *overrides: str, data_dir: str, check: bool = True):
-    """`run_main` through tests/nan_injection.py: the loss of `update` is NaN (once)."""
-    command = main_command(workdir, *overrides, data_dir=data_dir, module="nan_injection")
-    command.append(f"--nan_at_update={update}")
+def run_command(command: list[str], *, env=None, timeout: int = 600, check: bool = True):
+    """Runs `command` from the repository root in a fresh process; with `check`, a non-zero
+    exit fails with the end of its stderr."""
     result = subprocess.run(
         command,
         cwd=REPO,
-        env=INJECTION_ENV,
+        env=ENV if env is None else env,
         capture_output=True,
         text=True,
-        timeout=600,
+        timeout=timeout,
         check=False,
     )
     if check and result.returncode != 0:
         raise AssertionError(f"exit {result.returncode}\n{result.stderr[-4000:]}")
     return result
+
+
+def run_with_nan_at(update: int, workdir, *overrides: str, data_dir: str, check: bool = True):
+    """`run_main` through tests/nan_injection.py: the loss of `update` is NaN (once)."""
+    command = main_command(workdir, *overrides, data_dir=data_dir, module="nan_injection")
+    command.append(f"--nan_at_update={update}")
+    return run_command(command, env=INJECTION_ENV, check=check)
 
 
 def run_main(
@@ -143,18 +149,11 @@ def run_main(
     config: str = "configs/default.py",
 ):
     """Runs `python -m trainer.main` in a fresh process, as a user would."""
-    result = subprocess.run(
+    return run_command(
         main_command(workdir, *overrides, data_dir=data_dir, config=config),
-        cwd=REPO,
-        env=ENV,
-        capture_output=True,
-        text=True,
         timeout=timeout,
-        check=False,
+        check=check,
     )
-    if check and result.returncode != 0:
-        raise AssertionError(f"exit {result.returncode}\n{result.stderr[-4000:]}")
-    return result
 
 
 def start_main(workdir, *overrides: str, data_dir: str, config: str = "configs/default.py"):

@@ -22,7 +22,7 @@ import numpy as np
 import tensorflow as tf
 from absl import flags, logging
 
-from trainer import cli, learning_rate, loop
+from trainer import cli, learning_rate, loop, plotting
 from trainer import setup as setup_lib
 from trainer import state as state_lib
 from trainer.errors import ConfigError
@@ -184,29 +184,20 @@ def run(
 
 
 def _write(result: Result, directory: str) -> None:
-    import matplotlib  # Kept local: training never needs matplotlib.
-
-    matplotlib.use("Agg")
-    from matplotlib import pyplot
-
     tf.io.gfile.makedirs(directory)
     with tf.io.gfile.GFile(os.path.join(directory, "lr_find.json"), "w") as f:
         json.dump(dataclasses.asdict(result), f, indent=1)
-    figure, axes = pyplot.subplots(figsize=(7, 3.5))
-    axes.plot(result.learning_rates, result.losses, alpha=0.3, label="loss")
-    axes.plot(result.learning_rates, result.smoothed, label="smoothed")
-    if result.suggested_lr is not None:
-        axes.axvline(
-            result.suggested_lr, color="red", linestyle="--", label=f"suggested ({result.rule})"
-        )
-    axes.set_xscale("log")
-    axes.set_xlabel("learning rate (this global batch)")
-    axes.set_ylabel("train loss")
-    axes.legend()
-    figure.tight_layout()
-    with tf.io.gfile.GFile(os.path.join(directory, "lr_find.png"), "wb") as f:
-        figure.savefig(f, format="png", dpi=100)
-    pyplot.close(figure)
+    with plotting.png(os.path.join(directory, "lr_find.png")) as axes:
+        axes.plot(result.learning_rates, result.losses, alpha=0.3, label="loss")
+        axes.plot(result.learning_rates, result.smoothed, label="smoothed")
+        if result.suggested_lr is not None:
+            axes.axvline(
+                result.suggested_lr, color="red", linestyle="--", label=f"suggested ({result.rule})"
+            )
+        axes.set_xscale("log")
+        axes.set_xlabel("learning rate (this global batch)")
+        axes.set_ylabel("train loss")
+        axes.legend()
 
 
 def main(argv: list[str]) -> None:

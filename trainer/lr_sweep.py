@@ -28,7 +28,7 @@ import numpy as np
 import tensorflow as tf
 from absl import flags, logging
 
-from trainer import cli, lr_find, metrics, train
+from trainer import cli, lr_find, metrics, plotting, train
 from trainer import setup as setup_lib
 from trainer.errors import ConfigError, UserError
 from trainer.health import report
@@ -293,11 +293,6 @@ def _table(sweep: Sweep) -> str:
 
 
 def _write(sweep: Sweep, directory: str) -> None:
-    import matplotlib  # Kept local: training never needs matplotlib.
-
-    matplotlib.use("Agg")
-    from matplotlib import pyplot
-
     with tf.io.gfile.GFile(os.path.join(directory, "lr_sweep.json"), "w") as f:
         json.dump(
             {
@@ -312,27 +307,23 @@ def _write(sweep: Sweep, directory: str) -> None:
         )
     with tf.io.gfile.GFile(os.path.join(directory, "lr_sweep.md"), "w") as f:
         f.write(_table(sweep))
-    figure, axes = pyplot.subplots(figsize=(8, 4.5))
-    for t in sweep.trials:
-        losses = metrics.read_steps(t.workdir)["loss"]
-        finite = np.where(np.isfinite(losses), losses, np.nan)
-        reading = sweep.reading(t)
-        axes.plot(
-            np.arange(1, len(losses) + 1),
-            lr_find.smooth(list(np.nan_to_num(finite, nan=np.nanmax(finite, initial=1.0)))),
-            color=READINGS[reading],
-            linewidth=2.5 if t is sweep.recommended else 1.0,
-            label=f"lr.base {t.base_lr:.3g}: {reading}",
-        )
-    axes.set_yscale("log")
-    axes.set_xlabel("update")
-    axes.set_ylabel("train loss (smoothed)")
-    axes.set_title(f"LR sweep, {sweep.trial_steps} updates per trial")
-    axes.legend(fontsize=8)
-    figure.tight_layout()
-    with tf.io.gfile.GFile(os.path.join(directory, "lr_sweep.png"), "wb") as f:
-        figure.savefig(f, format="png", dpi=100)
-    pyplot.close(figure)
+    with plotting.png(os.path.join(directory, "lr_sweep.png"), (8, 4.5)) as axes:
+        for t in sweep.trials:
+            losses = metrics.read_steps(t.workdir)["loss"]
+            finite = np.where(np.isfinite(losses), losses, np.nan)
+            reading = sweep.reading(t)
+            axes.plot(
+                np.arange(1, len(losses) + 1),
+                lr_find.smooth(list(np.nan_to_num(finite, nan=np.nanmax(finite, initial=1.0)))),
+                color=READINGS[reading],
+                linewidth=2.5 if t is sweep.recommended else 1.0,
+                label=f"lr.base {t.base_lr:.3g}: {reading}",
+            )
+        axes.set_yscale("log")
+        axes.set_xlabel("update")
+        axes.set_ylabel("train loss (smoothed)")
+        axes.set_title(f"LR sweep, {sweep.trial_steps} updates per trial")
+        axes.legend(fontsize=8)
 
 
 def main(argv: list[str]) -> None:

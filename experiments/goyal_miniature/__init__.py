@@ -27,7 +27,7 @@ import ml_collections
 import numpy as np
 
 from configs import default
-from trainer import learning_rate, metrics, train
+from trainer import learning_rate, metrics, plotting, train
 from trainer.datasets import shapes
 
 SMALL_BATCH = 50  # Divides the 12,000 train examples: 240 updates per epoch.
@@ -156,28 +156,22 @@ def summarize(runs: list[dict], arms: tuple[Arm, ...]) -> str:
 
 def plot(runs: list[dict], arms: tuple[Arm, ...], path: str) -> None:
     """Mean eval error (%) vs epochs, one line per arm, the seeds' range shaded."""
-    import matplotlib  # Kept local: only the plot needs it.
-
-    matplotlib.use("Agg")
-    from matplotlib import pyplot
-
-    figure, axes = pyplot.subplots(figsize=(8, 5))
-    for arm in arms:
-        mine = [r for r in runs if r["arm"] == arm.name]
-        errors = 100 * np.array([r["eval_error"] for r in mine])
-        epochs = mine[0]["epochs"]
-        style = "--" if arm.optimizer == "adamw" else "-"
-        axes.plot(epochs, errors.mean(axis=0), style, label=arm.name)
-        axes.fill_between(epochs, errors.min(axis=0), errors.max(axis=0), alpha=0.15)
-    axes.set_xlabel("epochs")
-    axes.set_ylabel("eval error (%)")
-    axes.set_yscale("log")
-    axes.set_title(f"batch {SMALL_BATCH} vs {SMALL_BATCH * BATCH_RATIO} (accumulation), small CNN")
-    axes.grid(alpha=0.3, which="both")
-    axes.legend(fontsize=8)
-    figure.tight_layout()
-    figure.savefig(path, dpi=100)
-    pyplot.close(figure)
+    with plotting.png(path, (8, 5)) as axes:
+        for arm in arms:
+            mine = [r for r in runs if r["arm"] == arm.name]
+            errors = 100 * np.array([r["eval_error"] for r in mine])
+            epochs = mine[0]["epochs"]
+            style = "--" if arm.optimizer == "adamw" else "-"
+            axes.plot(epochs, errors.mean(axis=0), style, label=arm.name)
+            axes.fill_between(epochs, errors.min(axis=0), errors.max(axis=0), alpha=0.15)
+        axes.set_xlabel("epochs")
+        axes.set_ylabel("eval error (%)")
+        axes.set_yscale("log")
+        axes.set_title(
+            f"batch {SMALL_BATCH} vs {SMALL_BATCH * BATCH_RATIO} (accumulation), small CNN"
+        )
+        axes.grid(alpha=0.3, which="both")
+        axes.legend(fontsize=8)
 
 
 def run_experiment(

@@ -14,7 +14,7 @@ import tensorflow as tf
 from absl import logging
 from tensorflow.core.util import event_pb2
 
-from trainer import health, metrics
+from trainer import health, metrics, plotting
 from trainer.errors import UserError
 
 REPORT_FILE = "health.json"
@@ -91,13 +91,12 @@ def planned_lr(workdir: str) -> tuple[np.ndarray, np.ndarray]:
 
 def plot(workdir: str, summary: dict, path: str) -> None:
     """Loss (log scale) and applied LR against updates, the plan dashed, events marked."""
-    import matplotlib  # Kept local: training needs matplotlib only for this picture.
-
-    matplotlib.use("Agg")
-    from matplotlib import pyplot
-
     steps = metrics.read_steps(workdir)
-    figure, (loss_axes, lr_axes) = pyplot.subplots(2, 1, figsize=(9, 6), sharex=True)
+    with plotting.png(path, (9, 6), rows=2, sharex=True) as (loss_axes, lr_axes):
+        _draw(workdir, summary, steps, loss_axes, lr_axes)
+
+
+def _draw(workdir: str, summary: dict, steps: dict, loss_axes, lr_axes) -> None:
     loss_axes.plot(steps["step"], steps["loss"], lw=0.8, label="loss (per update)")
     loss_axes.set_yscale("log")
     loss_axes.set_ylabel("train loss")
@@ -122,10 +121,6 @@ def plot(workdir: str, summary: dict, path: str) -> None:
     loss_axes.set_title(f"{workdir}: {summary['verdict']} ({len(summary['events'])} events)")
     loss_axes.legend(loc="upper right", fontsize=8)
     lr_axes.legend(loc="upper right", fontsize=8)
-    figure.tight_layout()
-    with tf.io.gfile.GFile(path, "wb") as f:
-        figure.savefig(f, format="png", dpi=100)
-    pyplot.close(figure)
 
 
 def write(workdir: str, png: str | None = None) -> dict:

@@ -9,7 +9,17 @@ import numbers
 
 import ml_collections
 
-from trainer import best, ema, init_checkpoint, learning_rate, loop, models, optimizers, profiling
+from trainer import (
+    best,
+    ema,
+    init_checkpoint,
+    learning_rate,
+    loop,
+    models,
+    optimizers,
+    plotting,
+    profiling,
+)
 from trainer.errors import ConfigError
 
 UNITS = ("steps", "epochs", "examples")
@@ -237,20 +247,12 @@ def describe(plan: Plan, lr: ml_collections.ConfigDict) -> str:
 
 def plot(plan: Plan, lr: ml_collections.ConfigDict, path: str) -> None:
     """Writes a PNG of the whole LR curve."""
-    import matplotlib  # Kept local: training never needs matplotlib.
-
-    matplotlib.use("Agg")
-    from matplotlib import pyplot
-
-    figure, axes = pyplot.subplots(figsize=(7, 3.5))
-    axes.plot(range(1, plan.total_steps + 1), learning_rate.planned_curve(plan, lr))
-    axes.set_xlabel("step")
-    axes.set_ylabel("learning rate")
-    axes.set_title(
-        f"{lr.warmup} warmup {plan.warmup_steps} + {lr.decay}, peak {plan.peak_lr:.4g}, "
-        f"global batch {plan.global_batch_size}"
-    )
-    axes.grid(alpha=0.3)
-    figure.tight_layout()
-    figure.savefig(path, dpi=100)
-    pyplot.close(figure)
+    with plotting.png(path) as axes:
+        axes.plot(range(1, plan.total_steps + 1), learning_rate.planned_curve(plan, lr))
+        axes.set_xlabel("step")
+        axes.set_ylabel("learning rate")
+        axes.set_title(
+            f"{lr.warmup} warmup {plan.warmup_steps} + {lr.decay}, peak {plan.peak_lr:.4g}, "
+            f"global batch {plan.global_batch_size}"
+        )
+        axes.grid(alpha=0.3)
