@@ -2,6 +2,7 @@
 
 import functools
 import json
+import logging
 import os
 import socket
 import subprocess
@@ -15,6 +16,7 @@ import testutil
 
 from configs import default as default_config
 from trainer import distribute, hardware
+from trainer import setup as setup_lib
 from trainer.errors import ConfigError, UserError
 
 
@@ -59,6 +61,45 @@ def test_create_strategy_and_topology(name, cpu_replicas, strategy_type, replica
     assert topology == distribute.Topology(
         num_replicas=replicas, num_workers=1, worker_index=0, is_chief=True, strategy_name=name
     )
+
+
+@pytest.mark.parametrize(
+    ("name", "cpu_replicas", "shown", "devices"),
+    [
+        ("default", 0, "prefetched on the host (autotune), copied to the device in the step", []),
+        ("one_device", 0, "prefetched to 1 device, 1 batch ahead (host: autotune)", ["CPU:0"]),
+        (
+            "mirrored",
+            2,
+            "prefetched to 2 devices, 1 batch ahead (host: autotune)",
+            ["CPU:0", "CPU:1"],
+        ),
+    ],
+)
+def test_input_is_prefetched_to_each_device_as_the_start_up_summary_says(
+    caplog, data_dir, name, cpu_replicas, shown, devices
+):
+    """Each replica's batch is already on its device when the step takes it (on the logical
+    CPUs: replica 1's on CPU:1, not on the host's CPU:0), train and eval input alike."""
+    caplog.set_level(logging.INFO)
+    config = testutil.config_with(
+        **{
+            "distribution.strategy": name,
+            "distribution.cpu_replicas": cpu_replicas,
+            "dataset.data_dir": data_dir,
+        }
+    )
+    setup = setup_lib.prepare(config)
+    summary = [line for line in caplog.text.splitlines() if "devices: " in line]
+    assert len(summary) == 1 and f"| input: {shown} |" in summary[0]
+    eval_dataset, _ = setup.eval_input()
+    for images, *_ in (next(setup.train_iterator(0)), next(iter(eval_dataset))):
+        placed = [
+            tf.DeviceSpec.from_string(t.device)
+            for t in setup.strategy.experimental_local_results(images)
+        ]
+        if devices:  # The default strategy has no per-replica placement to check.
+            assert [f"{d.device_type}:{d.device_index}" for d in placed] == devices
 
 
 def test_mirrored_strategy_runs_one_replica_per_logical_cpu():

@@ -3,6 +3,8 @@
 It wraps the model the compiled train step sees (nothing in the product changes), so the logits
 of update N are multiplied by a factor while an `armed` variable is true; the run's recovery
 method (NaN recovery, health rollback) disarms it, so the recovered run passes update N cleanly.
+In-process tests install it with `monkeypatch.setattr` as `patch` (precision_test's forced
+float16 overflow), so it is gone after the test.
 """
 
 from collections.abc import Callable
@@ -29,10 +31,17 @@ class _ScaledLogits:
         return getattr(self._model, name)
 
 
-def install(update: Callable[[], int], factor: Callable[[], float], disarmed_by: str) -> None:
-    """Scales the logits of update `update()` by `factor()` until `Run.<disarmed_by>` runs.
+def install(
+    update: Callable[[], int],
+    factor: Callable[[], float],
+    disarmed_by: str | None,
+    patch: Callable[[object, str, object], None] = setattr,
+) -> None:
+    """Scales the logits of update `update()` by `factor()` until `Run.<disarmed_by>` runs
+    (never disarmed with None: an update number is reached once per run anyway).
 
-    Callables, read when the train loop is built: the harness's flags are parsed after this."""
+    Callables, read when the train loop is built: the harness's flags are parsed after this.
+    `patch(module_or_class, name, value)` replaces the product's functions."""
     armed = []  # The variable, made once the strategy exists (a TF op would fix the devices).
     make_train_loop = loop.make_train_loop
 
@@ -41,11 +50,13 @@ def install(update: Callable[[], int], factor: Callable[[], float], disarmed_by:
         wrapped = _ScaledLogits(model, optimizer, update(), factor(), armed[0])
         return make_train_loop(model=wrapped, optimizer=optimizer, **kwargs)
 
+    patch(loop, "make_train_loop", injecting_train_loop)
+    if disarmed_by is None:
+        return
     recovery = getattr(run_lib.Run, disarmed_by)
 
     def disarming_recovery(self, *args):
         armed[0].assign(False)
         return recovery(self, *args)
 
-    loop.make_train_loop = injecting_train_loop
-    setattr(run_lib.Run, disarmed_by, disarming_recovery)
+    patch(run_lib.Run, disarmed_by, disarming_recovery)

@@ -311,6 +311,24 @@ def test_jit_compile_trains_like_the_graph(num_replicas):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
 
+def test_xla_error_names_an_op_without_an_xla_kernel_and_leaves_other_errors_alone():
+    @tf.function(jit_compile=True)
+    def with_a_string_op(x):
+        return tf.strings.length(tf.strings.as_string(x))
+
+    with pytest.raises(tf.errors.InvalidArgumentError) as raised:
+        with_a_string_op(tf.constant([1.0]))
+    error = loop.xla_error(raised.value)
+    assert str(error) == (
+        "jit_compile (True): XLA cannot compile the model's forward/backward pass: its op "
+        "AsString has no XLA kernel on XLA_CPU; set --config.jit_compile=False, or replace that "
+        "op in the model"
+    )
+    with pytest.raises(tf.errors.InvalidArgumentError) as raised:
+        tf.reshape(tf.constant([1.0, 2.0]), [3])
+    assert loop.xla_error(raised.value) is None
+
+
 # The largest |difference| of weights seen between accumulated and whole-batch runs was 6e-8
 # (float32 sums in another order); the tolerance leaves room for other CPUs.
 ACCUMULATION_ATOL = 1e-6

@@ -4,6 +4,7 @@ and resume bitwise after a SIGTERM (on CPU; the hardware is faked for the choice
 import signal
 
 import keras
+import logit_injection
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -28,6 +29,7 @@ AMX = frozenset({"avx512_bf16", "amx_bf16"})
         ("float32", "TPU", None, AMX, "float32", "set in the config"),
         ("mixed_bfloat16", "CPU", None, frozenset(), "mixed_bfloat16", "set in the config"),
         ("mixed_float16", "GPU", (7, 0), frozenset(), "mixed_float16", "set in the config"),
+        ("mixed_float16", "CPU", None, AMX, "mixed_float16", "~160x slower than float32"),
     ],
 )
 def test_choose(requested, device_kind, capability, cpu_flags, policy, reason):
@@ -119,3 +121,40 @@ def test_mixed_float16_resumes_bitwise_with_its_loss_scale(tmp_path, data_dir, m
     assert [n for n in saved if n.startswith("loss_scale/scale")]
     records = [r for r in metrics.read_records(str(resumed)) if "loss_scale" in r]
     assert records and all(r["loss_scale"] >= 1 for r in records)
+
+
+# Logits x this in the chosen update: its float16 backward pass overflows at any usable scale.
+OVERFLOW_FACTOR = 1e6
+
+
+@pytest.mark.slow
+def test_mixed_float16_forced_overflow_then_sigterm_resumes_bitwise(
+    tmp_path, data_dir, monkeypatch
+):
+    """An overflow forced at update 15 (the last of a loop) skips exactly that update and halves
+    the scale, on 2 replicas; a SIGTERM right after it (at that loop boundary) checkpoints step
+    15, and the resumed run ends bitwise where the uninterrupted one with the same overflow does."""
+    overflow_at = 15
+    config = testutil.tiny_run_config(
+        data_dir,
+        precision="mixed_float16",
+        total_steps=30,
+        **{"distribution.strategy": "mirrored", "distribution.cpu_replicas": 2},
+    )
+    with pytest.MonkeyPatch.context() as injection:  # Stays for all three runs.
+        logit_injection.install(
+            lambda: overflow_at, lambda: OVERFLOW_FACTOR, None, patch=injection.setattr
+        )
+        straight, resumed = testutil.straight_and_resumed(
+            config, tmp_path, monkeypatch, overflow_at, sigterm=True
+        )
+    assert testutil.checkpoint_values(resumed, 15)  # The preemption's save, at the overflow.
+    assert_bitwise_equal(straight, resumed, 30, has_dropout=False)
+    for workdir in (straight, resumed):
+        per_update = metrics.read_records(str(workdir), metrics.STEPS_FILE)
+        skipped = [r["step"] for r in per_update if r["skipped"]]
+        assert skipped == [overflow_at], workdir
+        scales = dict(logged(workdir, "loss_scale"))
+        skips = dict(logged(workdir, "overflow_skips"))
+        assert {s: scales[s] for s in (10, 15, 20)} == {10: 2.0**15, 15: 2.0**14, 20: 2.0**14}
+        assert {s: skips[s] for s in (10, 15, 20)} == {10: 0, 15: 1, 20: 1}

@@ -171,6 +171,39 @@ def test_resume_that_breaks_the_data_order_is_refused_unless_allowed(
     assert testutil.logged(tmp_path, "loss")[-1][0] == 20
 
 
+@pytest.mark.parametrize(
+    ("field", "old", "new", "cli_old"),
+    [
+        ("precision", "float32", "mixed_float16", "float32"),  # Adds the loss scale.
+        ("optimizer.momentum_correction", False, True, "False"),  # A previous LR per weight.
+        ("ema_decay", 0.0, 0.9, "0.0"),  # The averaged weights.
+    ],
+)
+def test_resume_with_a_field_that_adds_checkpointed_state_names_it(
+    tmp_path, data_dir, field, old, new, cli_old
+):
+    """Not TF's list of unmatched variables: one line with the field, both values, the ways out;
+    and the way out it suggests (fine-tune in a new workdir from that checkpoint) works."""
+    workdir = tmp_path / "run"
+    train.train_and_evaluate(_config(data_dir, total_steps=10, **{field: old}), str(workdir))
+    changed = _config(data_dir, total_steps=20, **{field: new})
+    with pytest.raises(ConfigError) as error:
+        train.train_and_evaluate(changed, str(workdir))
+    prefix = workdir / "checkpoints" / "ckpt-10"
+    message = str(error.value)
+    assert "\n" not in message
+    assert message.startswith(
+        f"{field} changed on resume from {json.dumps(old)} (in {prefix}) to {json.dumps(new)}"
+    )
+    assert f"resume with --config.{field}={cli_old}, or start a new --workdir" in message
+    assert f"--config.init_checkpoint={prefix} to fine-tune" in message
+    assert testutil.logged(workdir, "loss")[-1][0] == 10  # Nothing trained, nothing lost.
+    fine_tuned = tmp_path / "fine_tuned"
+    changed.init_checkpoint = str(prefix)
+    train.train_and_evaluate(changed, str(fine_tuned))
+    assert testutil.logged(fine_tuned, "loss")[-1][0] == 20
+
+
 # ---------------------------------------------------------------------------------------------
 # 6. Every signal-initiated stop exits 42.
 

@@ -1,6 +1,7 @@
 """Helpers shared by the tests (imported as `testutil`; pytest puts tests/ on sys.path)."""
 
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -189,33 +190,51 @@ class Crash(Exception):
     """Raised by `crash_at` from inside a run."""
 
 
+def _at_train_record(monkeypatch, step: int, action) -> None:
+    """Calls `action()` when an in-process run logs the train record of `step` (at the loop
+    boundary, before the record is written)."""
+    write = metrics.MetricWriter.write
+
+    def acting(self, at, record, kind="train"):
+        if at == step and kind == "train":
+            action()
+        return write(self, at, record, kind)
+
+    monkeypatch.setattr(metrics.MetricWriter, "write", acting)
+
+
 def crash_at(monkeypatch, step: int) -> None:
     """Makes an in-process run die (like kill -9: no cleanup of its files) when it logs the
     train record of `step`; `monkeypatch.undo()` lets the next run live."""
-    write = metrics.MetricWriter.write
 
-    def crashing(self, at, record, kind="train"):
-        if at == step and kind == "train":
-            raise Crash(step)
-        return write(self, at, record, kind)
+    def crash():
+        raise Crash(step)
 
-    monkeypatch.setattr(metrics.MetricWriter, "write", crashing)
+    _at_train_record(monkeypatch, step, crash)
 
 
-def straight_and_resumed(config, tmp_path, monkeypatch, crash_at_step: int):
+def sigterm_at(monkeypatch, step: int) -> None:
+    """Sends this process a SIGTERM when an in-process run logs the train record of `step`: the
+    run stops at that loop boundary, checkpoints and raises `preemption.Preempted`."""
+    _at_train_record(monkeypatch, step, lambda: os.kill(os.getpid(), signal.SIGTERM))
+
+
+def straight_and_resumed(config, tmp_path, monkeypatch, crash_at_step: int, sigterm: bool = False):
     """Runs `config` in-process straight through, and again with a crash (`crash_at`) at
-    `crash_at_step` followed by a rerun that resumes; returns the two workdirs."""
-    from trainer import train
+    `crash_at_step`, or with `sigterm` a SIGTERM there (`sigterm_at`), followed by a rerun that
+    resumes; returns the two workdirs."""
+    from trainer import preemption, train
 
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     train.train_and_evaluate(config, str(straight))
-    crash_at(monkeypatch, crash_at_step)
+    (sigterm_at if sigterm else crash_at)(monkeypatch, crash_at_step)
+    stopped = preemption.Preempted if sigterm else Crash
     try:
         train.train_and_evaluate(config, str(resumed))
-    except Crash:
+    except stopped:
         pass
     else:
-        raise AssertionError(f"the run did not reach step {crash_at_step} to crash there")
+        raise AssertionError(f"the run did not reach step {crash_at_step} to stop there")
     monkeypatch.undo()
     train.train_and_evaluate(config, str(resumed))
     return straight, resumed

@@ -229,6 +229,34 @@ def test_bad_input_ends_the_command_with_one_actionable_line(tmp_path, data_dir)
     assert not (tmp_path / "run").exists()  # Nothing was written.
 
 
+@pytest.mark.slow
+def test_jit_compile_that_xla_refuses_is_one_actionable_line(tmp_path, data_dir):
+    """The default CNN under op determinism (the default on CPU): XLA has no deterministic
+    MaxPool gradient. TF says so only when the loop first runs (after ckpt-0); the command ends
+    with one line naming both ways out, and the first of them works."""
+    run = (
+        "--config.jit_compile=True",
+        "--config.total_steps=2",
+        "--config.steps_per_loop=2",
+        "--config.lr.warmup_steps=1",
+    )
+    result = testutil.run_main(tmp_path / "run", *run, data_dir=data_dir, check=False)
+    assert result.returncode == 1, result.stderr[-3000:]
+    last_line = result.stderr.strip().splitlines()[-1]
+    assert last_line.startswith(
+        "error: jit_compile (True): XLA cannot compile the model's forward/backward pass with "
+        "op determinism on"
+    )
+    assert "MaxPool" in last_line
+    assert (
+        "set --config.deterministic=False" in last_line
+        and "--config.jit_compile=False" in last_line
+    )
+    assert "Traceback" not in result.stderr
+    testutil.run_main(tmp_path / "run", *run, NOT_DETERMINISTIC, data_dir=data_dir)
+    assert testutil.logged(tmp_path / "run", "loss")[-1][0] == 2
+
+
 @pytest.mark.parametrize(("flags", "message"), BAD_INPUTS)
 def test_bad_input_is_one_actionable_line(tmp_path, data_dir, flags, message):
     # mnist is not prepared in an empty data_dir; the others read the session's shapes datasets.

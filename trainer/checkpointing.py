@@ -14,11 +14,12 @@ import dataclasses
 import json
 import os
 import re
+from collections.abc import Callable
 
 import tensorflow as tf
 from absl import logging
 
-from trainer.errors import UserError
+from trainer.errors import ConfigError, UserError
 
 _CKPT = re.compile(r"ckpt-(\d+)\.index$")
 STATE_FILE = "checkpoint"  # TF's name (CheckpointManager, tf.train.latest_checkpoint).
@@ -26,6 +27,39 @@ STATE_FILE = "checkpoint"  # TF's name (CheckpointManager, tf.train.latest_check
 
 class CheckpointError(UserError):
     """A workdir's checkpoints cannot be used; the message says what to do."""
+
+
+# Config fields that decide which variables a checkpoint holds: resuming with a value that needs
+# variables the checkpoint lacks cannot restore it. (field, whether the new value needs more
+# than the saved one did (saved, new, the new config flattened), what it adds). Changes the other
+# way round restore (what is no longer needed is left unread) and are only logged.
+_STATE_SHAPING: tuple[tuple[str, Callable[[object, object, dict], bool], str], ...] = (
+    ("precision", lambda old, new, _: old != new == "mixed_float16", "a dynamic loss scale"),
+    (
+        "optimizer.momentum",
+        lambda old, new, c: old == 0 != new and c["optimizer.name"] in ("sgd", "lars"),
+        "a velocity per weight",
+    ),
+    (
+        "optimizer.momentum_correction",
+        lambda old, new, _: new and not old,
+        "a previous learning rate per weight",
+    ),
+    ("ema_decay", lambda old, new, _: old == 0 != new, "an EMA of the weights"),
+    ("model.dropout_rate", lambda old, new, _: old == 0 != new, "a dropout RNG state"),
+    ("health.window", lambda old, new, _: old != new, "spike statistics of that length"),
+)
+
+
+def flatten_config(tree: dict, prefix: str = "") -> dict[str, object]:
+    """A nested config dict as {"optimizer.momentum": 0.9, ...}."""
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(flatten_config(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,6 +98,16 @@ class Manifest:
             return f"optimizer '{self.optimizer}' vs this run's '{other.optimizer}'"
         if other.weight_ema and not self.weight_ema:  # The other way round, the EMA is dropped.
             return "a run without an EMA of the weights (ema_decay 0) vs this run's ema_decay > 0"
+        return None
+
+    def state_change(self, other: "Manifest") -> tuple[str, str] | None:
+        """(field, what it adds) of the first config field whose value in `other` (this run's)
+        needs variables this checkpoint does not hold, or None. A field missing from either
+        config (a manifest older than the field) is not judged."""
+        saved, new = flatten_config(self.config), flatten_config(other.config)
+        for field, needs_more, adds in _STATE_SHAPING:
+            if field in saved and field in new and needs_more(saved[field], new[field], new):
+                return field, adds
         return None
 
 
@@ -195,6 +239,7 @@ class Checkpointer:
                     "checkpoint ckpt-%d has a damaged manifest; trying an older one", step
                 )
                 continue
+            _refuse_state_change(self._prefix(step), manifest, expected)
             problem = manifest.incompatibility(expected)
             if problem:
                 raise CheckpointError(
@@ -243,6 +288,22 @@ class Checkpointer:
         self._read(step)
         logging.info("restored %s", self._prefix(step))
         return manifest
+
+
+def _refuse_state_change(prefix: str, saved: Manifest, expected: Manifest) -> None:
+    """A changed config field that needs variables the checkpoint lacks, as one line with the
+    field, both values and the ways out (instead of TF's list of unmatched variables)."""
+    change = saved.state_change(expected)
+    if change is None:
+        return
+    field, adds = change
+    old, new = flatten_config(saved.config)[field], flatten_config(expected.config)[field]
+    raise ConfigError(
+        f"{field} changed on resume from {json.dumps(old)} (in {prefix}) to {json.dumps(new)}, "
+        f"which needs {adds} that the checkpoint does not hold: resume with "
+        f"--config.{field}={old}, or start a new --workdir (with "
+        f"--config.init_checkpoint={prefix} to fine-tune from these weights)"
+    )
 
 
 def written_steps(directory: str) -> list[int]:

@@ -357,6 +357,38 @@ def describe_devices(strategy: tf.distribute.Strategy) -> str:
     return description
 
 
+# Batches each replica's device holds ahead of the step (TF's default, made explicit): the
+# distributed iterator copies the next batch to every device while the current step runs. Each
+# one is a per-replica batch of device memory.
+DEVICE_PREFETCH_BATCHES = 1
+
+
+def input_options() -> tf.distribute.InputOptions:
+    """How the train and eval inputs reach the devices: fetched to each replica's device,
+    `DEVICE_PREFETCH_BATCHES` ahead (host-side, data.py's pipelines prefetch with AUTOTUNE)."""
+    return tf.distribute.InputOptions(
+        experimental_fetch_to_device=True,
+        experimental_per_replica_buffer_size=DEVICE_PREFETCH_BATCHES,
+    )
+
+
+def describe_input(strategy: tf.distribute.Strategy) -> str:
+    """Where the input is prefetched, for the start-up summary.
+
+    The default strategy has no distributed iterator: its batches stay on the host until the
+    step copies them (on a GPU, a copy inside the step). Every other strategy prefetches.
+    """
+    try:
+        devices = len(strategy.extended.worker_devices)
+    except RuntimeError:  # The default strategy.
+        return "prefetched on the host (autotune), copied to the device in the step"
+    return (
+        f"prefetched to {devices} device{'s' if devices > 1 else ''}, "
+        f"{DEVICE_PREFETCH_BATCHES} batch{'es' if DEVICE_PREFETCH_BATCHES > 1 else ''} ahead "
+        "(host: autotune)"
+    )
+
+
 def topology(strategy: tf.distribute.Strategy, strategy_name: str) -> Topology:
     """Reads replicas, workers and the chief flag off a built strategy."""
     resolver = getattr(strategy, "cluster_resolver", None)

@@ -6,12 +6,14 @@ loop returns every update's health signals as a `[num_steps, len(SIGNALS)]` matr
 TensorArray sized by `num_steps` and read once, at the loop boundary.
 """
 
+import re
 from collections.abc import Callable
 
 import keras
 import tensorflow as tf
 
 from trainer.ema import WeightEMA
+from trainer.errors import ConfigError
 from trainer.precision import LossScale
 
 SUM = tf.distribute.ReduceOp.SUM
@@ -282,6 +284,37 @@ def make_train_loop(
         }
 
     return train_loop
+
+
+_NO_XLA_KERNEL = re.compile(r"No registered '(\w+)' OpKernel for (XLA_\w+?)_JIT")
+_NOT_DETERMINISTIC = re.compile(r"([^\n]*do not yet have a deterministic XLA implementation)")
+
+
+def xla_error(error: tf.errors.OpError) -> ConfigError | None:
+    """The config error for a train loop that failed because `jit_compile` could not compile the
+    forward/backward pass (TF reports it when the loop first runs), or None for other errors.
+
+    Seen on CPU: the default small_cnn under op determinism (`deterministic`, on by default
+    without GPU/TPU): XLA has no deterministic MaxPool gradient; an op without an XLA kernel.
+    """
+    if "tf2xla conversion failed" not in error.message:
+        return None
+    prefix = "jit_compile (True): XLA cannot compile the model's forward/backward pass"
+    if match := _NOT_DETERMINISTIC.search(error.message):
+        return ConfigError(
+            f"{prefix} with op determinism on (deterministic, on by default without a GPU or "
+            f"TPU): "
+            f"{match.group(1).strip().rstrip('.')}; set --config.deterministic=False (runs are "
+            "then not bitwise reproducible) or --config.jit_compile=False"
+        )
+    if match := _NO_XLA_KERNEL.search(error.message):
+        return ConfigError(
+            f"{prefix}: its op {match.group(1)} has no XLA kernel on {match.group(2)}; set "
+            "--config.jit_compile=False, or replace that op in the model"
+        )
+    lines = [line for line in error.message.splitlines() if line.strip()]
+    reason = next((line for line in lines if "error" not in line.lower()), lines[0])
+    return ConfigError(f"{prefix}: {reason.strip()}; set --config.jit_compile=False")
 
 
 def make_eval_loop(

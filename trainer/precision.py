@@ -41,6 +41,12 @@ def choose(
     """
     if requested not in POLICIES:
         raise ConfigError(f"precision ({requested!r}) is not one of {', '.join(POLICIES)}")
+    if requested == "mixed_float16" and device_kind == "CPU":  # Said, not refused: tests use it.
+        return Precision(
+            requested,
+            "set in the config; TF's CPU kernels have no fast float16 path: updates run ~160x "
+            "slower than float32 (benchmarks/RESULTS.md)",
+        )
     if requested != "auto":
         return Precision(requested, "set in the config")
     if device_kind == "TPU":

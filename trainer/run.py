@@ -292,20 +292,11 @@ def _refuse_fresh_start_over_history(workdir: str) -> None:
         )
 
 
-def _flatten(tree: dict, prefix: str = "") -> dict[str, object]:
-    flat = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            flat.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
-
-
 def _config_changes(saved: dict, config: ml_collections.ConfigDict) -> list[str]:
     """Every field that differs from the config the checkpoint was written with, logged; refused
     where it breaks the data order, unless `allow_data_change_on_resume` says it is meant."""
-    old, new = _flatten(saved), _flatten(json.loads(config.to_json_best_effort()))
+    old = checkpointing.flatten_config(saved)
+    new = checkpointing.flatten_config(json.loads(config.to_json_best_effort()))
     changes = [
         f"{field}: {json.dumps(old.get(field))} -> {json.dumps(new.get(field))}"
         for field in sorted(old.keys() | new.keys())

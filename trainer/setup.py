@@ -52,7 +52,10 @@ class Setup:
             accumulation_steps=self.plan.accumulation_steps,
             service_address=self.config.dataset.service_address,
         )
-        return iter(self.strategy.distribute_datasets_from_function(dataset_fn))
+        dataset = self.strategy.distribute_datasets_from_function(
+            dataset_fn, distribute.input_options()
+        )
+        return iter(dataset)
 
     def eval_input(self) -> tuple[tf.distribute.DistributedDataset, int]:
         """The eval split once over, padded to whole batches, and its number of steps.
@@ -65,7 +68,10 @@ class Setup:
             global_batch_size=self.plan.micro_batch_size,
             preprocessing=self.preprocessing,
         )
-        return self.strategy.distribute_datasets_from_function(dataset_fn), num_steps
+        dataset = self.strategy.distribute_datasets_from_function(
+            dataset_fn, distribute.input_options()
+        )
+        return dataset, num_steps
 
 
 def _set_determinism(config: ml_collections.ConfigDict) -> bool:
@@ -123,7 +129,11 @@ def prepare(config: ml_collections.ConfigDict) -> Setup:
         allocator = os.environ.get("TF_GPU_ALLOCATOR", "TF's default")
         devices += f" | gpu memory: {config.distribution.gpu_memory} | allocator: {allocator}"
     logging.info(
-        "devices: %s | precision: %s (%s)", devices, model_precision.policy, model_precision.reason
+        "devices: %s | input: %s | precision: %s (%s)",
+        devices,
+        distribute.describe_input(strategy),
+        model_precision.policy,
+        model_precision.reason,
     )
     if service_address:
         logging.info(

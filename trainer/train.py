@@ -184,8 +184,13 @@ def _train(
         started = time.monotonic()
         # A profiler step inside profile_steps; the watchdog's timer always.
         with profiler.inner_loop(plan_step, num_steps), timer.watch("train loop", run.step):
-            outputs = train_loop(train_iterator, tf.constant(num_steps))
-            outputs = {k: v.numpy() for k, v in outputs.items()}  # The one host sync.
+            try:
+                outputs = train_loop(train_iterator, tf.constant(num_steps))
+                outputs = {k: v.numpy() for k, v in outputs.items()}  # The one host sync.
+            except tf.errors.OpError as error:  # XLA compiles at the first call, not before.
+                if config.jit_compile and (config_error := loop.xla_error(error)):
+                    raise config_error from error
+                raise
         seconds = time.monotonic() - started
         state.examples_seen.assign_add(num_steps * plan.global_batch_size)
 
