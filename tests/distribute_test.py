@@ -66,17 +66,28 @@ def test_create_strategy_and_topology(name, cpu_replicas, strategy_type, replica
 @pytest.mark.parametrize(
     ("name", "cpu_replicas", "shown", "devices"),
     [
-        ("default", 0, "prefetched on the host (autotune), copied to the device in the step", []),
-        ("one_device", 0, "prefetched to 1 device, 1 batch ahead (host: autotune)", ["CPU:0"]),
+        (
+            "default",
+            0,
+            "none (1 replica) | input: prefetched on the host (autotune), copied to the device "
+            "in the step",
+            [],
+        ),
+        (
+            "one_device",
+            0,
+            "none (1 replica) | input: prefetched to 1 device, 1 batch ahead (host: autotune)",
+            ["CPU:0"],
+        ),
         (
             "mirrored",
             2,
-            "prefetched to 2 devices, 1 batch ahead (host: autotune)",
+            "through one device | input: prefetched to 2 devices, 1 batch ahead (host: autotune)",
             ["CPU:0", "CPU:1"],
         ),
     ],
 )
-def test_input_is_prefetched_to_each_device_as_the_start_up_summary_says(
+def test_summary_says_how_gradients_are_reduced_and_input_is_prefetched_to_each_device(
     caplog, data_dir, name, cpu_replicas, shown, devices
 ):
     """Each replica's batch is already on its device when the step takes it (on the logical
@@ -91,7 +102,7 @@ def test_input_is_prefetched_to_each_device_as_the_start_up_summary_says(
     )
     setup = setup_lib.prepare(config)
     summary = [line for line in caplog.text.splitlines() if "devices: " in line]
-    assert len(summary) == 1 and f"| input: {shown} |" in summary[0]
+    assert len(summary) == 1 and f"| all-reduce: {shown} |" in summary[0]
     eval_dataset, _ = setup.eval_input()
     for images, *_ in (next(setup.train_iterator(0)), next(iter(eval_dataset))):
         placed = [
@@ -454,3 +465,13 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def test_mirrored_over_gpus_is_said_to_reduce_with_nccl():
+    """MirroredStrategy picks NCCL when every device is a GPU (no GPU here: a stand-in with
+    GPU device names, which is all the description reads)."""
+    gpus = [f"/job:localhost/replica:0/task:0/device:GPU:{i}" for i in range(2)]
+    strategy = types.SimpleNamespace(
+        num_replicas_in_sync=2, extended=types.SimpleNamespace(worker_devices=gpus)
+    )
+    assert distribute.describe_all_reduce(strategy, "auto") == "NCCL"

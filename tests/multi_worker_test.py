@@ -87,6 +87,7 @@ def assert_matches_mirrored(workdir, mirrored_workdir) -> None:
 def test_two_workers_train_as_one_job(straight, mirrored):
     workdir, stderr = straight
     assert stderr.count("replicas: 2 (workers: 2)") == 2  # Both workers planned the same job.
+    assert stderr.count("| all-reduce: collectives, auto (TF picks) |") == 2
     assert sorted(os.listdir(workdir)) == [
         "checkpoints",
         "config.json",

@@ -357,6 +357,23 @@ def describe_devices(strategy: tf.distribute.Strategy) -> str:
     return description
 
 
+def describe_all_reduce(strategy: tf.distribute.Strategy, all_reduce: str) -> str:
+    """How gradients are all-reduced, for the start-up summary. `all_reduce` is the config's
+    distribution.all_reduce (MultiWorkerMirroredStrategy only).
+
+    MirroredStrategy is left to choose (no cross_device_ops passed): per TF's
+    `choose_the_best`, NCCL when every device is a GPU, else a reduction through one device.
+    """
+    if strategy.num_replicas_in_sync == 1:
+        return "none (1 replica)"
+    if isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
+        return f"collectives, {all_reduce}" + (" (TF picks)" if all_reduce == "auto" else "")
+    if isinstance(strategy, tf.distribute.TPUStrategy):
+        return "TPU interconnect"
+    devices = {tf.DeviceSpec.from_string(d).device_type for d in strategy.extended.worker_devices}
+    return "NCCL" if devices == {"GPU"} else "through one device"
+
+
 # Batches each replica's device holds ahead of the step (TF's default, made explicit): the
 # distributed iterator copies the next batch to every device while the current step runs. Each
 # one is a per-replica batch of device memory.

@@ -129,8 +129,9 @@ def prepare(config: ml_collections.ConfigDict) -> Setup:
         allocator = os.environ.get("TF_GPU_ALLOCATOR", "TF's default")
         devices += f" | gpu memory: {config.distribution.gpu_memory} | allocator: {allocator}"
     logging.info(
-        "devices: %s | input: %s | precision: %s (%s)",
+        "devices: %s | all-reduce: %s | input: %s | precision: %s (%s)",
         devices,
+        distribute.describe_all_reduce(strategy, config.distribution.all_reduce),
         distribute.describe_input(strategy),
         model_precision.policy,
         model_precision.reason,
