@@ -6,8 +6,8 @@ Runs the real model, data, strategy and compiled train step; writes only WORKDIR
 (lr_find.json, lr_find.png) and never reads or writes the run's checkpoints. The suggestion is
 the peak LR `--rule` reads off the smoothed curve: by default a third of the LR at its minimum,
 the rule that came closest to the best LR of grids of short runs on three set-ups
-(docs/lr_selection.md; a tenth, the usual reading, was 2.6-5.8x too low there). The LR the
-suggestion holds up at is for `python -m trainer.lr_sweep` to check.
+(docs/lr_selection.md; a tenth, the usual reading, was 2.6-5.8x too low there). Whether it
+holds up on a given set-up is what `python -m trainer.lr_sweep` checks.
 """
 
 import dataclasses
