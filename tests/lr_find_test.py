@@ -20,33 +20,39 @@ def test_smoothing_is_a_bias_corrected_moving_average():
     assert lr_find.smooth([1.0, 3.0], beta)[1] == pytest.approx(expected_second)
 
 
-LRS = list(np.geomspace(1e-4, 1.0, 9))
-# Falls slowly, then fastest around index 3, lowest at 5, then diverges.
-CURVE = [3.0, 2.9, 2.7, 2.4, 1.4, 1.2, 1.4, 2.5, 6.0]
-# Noisy start (a bump at 1), one long decreasing stretch from 1 to 7, then up.
-NOISY = [3.0, 3.2, 3.1, 2.6, 2.5, 2.0, 1.2, 1.0, 4.0]
+LRS = list(np.geomspace(1e-4, 1.0, 61))
+# A range test's smoothed curve, by construction: a dip at update 1 (the smoothing warming up,
+# in the first tenth that the rules leave out), flat at 3.0 to update 20, falling 0.1 an update
+# to the minimum at 40 with one steeper drop (0.5) from 30 to 31, rising after it.
+CURVE = (
+    [3.0, 2.0]
+    + [3.0] * 19
+    + [2.9 - 0.1 * k for k in range(10)]
+    + [1.5 - 0.1 * k for k in range(10)]
+)
+CURVE += [0.8 + 0.2 * k for k in range(1, 21)]
 
 
 @pytest.mark.parametrize(
-    ("rule", "curve", "expected"),
+    ("rule", "expected"),
     [
-        ("minimum/10", CURVE, LRS[5] / 10),
-        ("minimum/3", CURVE, LRS[5] / 3),
-        ("steepest", CURVE, LRS[3]),  # Central differences: -0.65 at 3, -0.6 at 4.
-        ("valley", CURVE, LRS[2]),  # Longest decrease 0..5: its middle.
-        ("minimum/3", NOISY, LRS[7] / 3),
-        ("valley", NOISY, LRS[4]),  # The bump ends the first run: 1..7, middle 4.
-        ("steepest", NOISY, LRS[5]),  # -0.65 at 5 (the minimum at 7 bounds the search).
+        ("minimum/10", LRS[40] / 10),
+        ("minimum/3", LRS[40] / 3),
+        ("steepest", LRS[30]),  # The 0.5 drop; untrimmed, the dip at update 1 would win.
+        # The longest decreasing subsequence: one 3.0, then 21..40 (21 long, ending at 40), so
+        # fastai's start is 40 - 21 = 19 and the pick 19 + 7 + 3 = 29.
+        ("valley", LRS[29]),
     ],
 )
-def test_each_rule_reads_its_lr_off_the_curve(rule, curve, expected):
-    assert lr_find.suggest(LRS, curve, rule) == pytest.approx(expected)
+def test_each_rule_reads_its_lr_off_the_trimmed_curve(rule, expected):
+    assert len(CURVE) == len(LRS)
+    assert lr_find.suggest(LRS, CURVE, rule) == pytest.approx(expected)
 
 
 def test_the_default_rule_is_the_validated_one():
     """docs/lr_selection.md: a third of the minimum came closest to the best short-run LR."""
     assert lr_find.DEFAULT_RULE == "minimum/3"
-    assert lr_find.suggest(LRS, CURVE) == pytest.approx(LRS[5] / 3)
+    assert lr_find.suggest(LRS, CURVE) == pytest.approx(LRS[40] / 3)
 
 
 def test_no_suggestion_from_a_flat_curve():

@@ -2,6 +2,7 @@
 holds up, cheap to stop and resume."""
 
 import json
+import logging
 import math
 
 import numpy as np
@@ -9,6 +10,7 @@ import pytest
 import testutil
 
 from trainer import lr_sweep, preemption
+from trainer import plan as plan_lib
 from trainer.errors import ConfigError
 
 
@@ -69,12 +71,17 @@ def test_end_loss_is_the_median_of_the_last_tenth():
     assert lr_sweep.end_loss(np.array([3.0])) == 3.0
 
 
+def _plan(config):
+    return plan_lib.make_plan(config, num_replicas=1, num_workers=1, train_examples=12_000)
+
+
 def test_a_trial_is_the_run_compressed_with_nothing_that_hides_instability():
     config = testutil.config_with(
         **{
-            "total_epochs": 10.0,
+            "total_epochs": 10.0,  # 937 updates of 128.
             "nan_policy": "recover",
             "health.action": "skip",
+            "lr.warmup_epochs": 0.5,  # 47 updates.
             "lr.milestones": (3,),
             "lr.milestone_values": (0.1,),
             "lr.plateau_metric": "eval_loss",
@@ -82,8 +89,9 @@ def test_a_trial_is_the_run_compressed_with_nothing_that_hides_instability():
             "best_metric": "eval_accuracy",
         }
     )
-    trial = lr_sweep.trial_config(config, 0.05, 250)
+    trial = lr_sweep.trial_config(config, _plan(config), 0.05, 250)
     assert (trial.lr.base, trial.total_steps, trial.total_epochs) == (0.05, 250, None)
+    assert (trial.lr.warmup_steps, trial.lr.warmup_epochs) == (47, None)  # Kept in updates.
     assert (trial.nan_policy, trial.health.action) == ("fail", "warn")
     assert (trial.lr.milestones, trial.lr.plateau_metric) == ((), "")
     assert (trial.export_at_end, trial.best_metric, trial.checkpoint_every_steps) == (
@@ -91,8 +99,26 @@ def test_a_trial_is_the_run_compressed_with_nothing_that_hides_instability():
         "",
         200,
     )
-    assert trial.lr.warmup_steps == config.lr.warmup_steps and trial.optimizer == config.optimizer
+    assert trial.optimizer.to_dict() == config.optimizer.to_dict()
     assert config.nan_policy == "recover"  # The run's config is left alone.
+    with pytest.raises(AttributeError):  # Locked like every config: a typo fails.
+        trial.totl_steps = 3
+
+
+def test_a_piecewise_or_exponential_decay_shrinks_with_the_trial():
+    config = testutil.config_with(
+        **{
+            "total_steps": 1000,
+            "lr.warmup_steps": 50,
+            "lr.decay": "piecewise",
+            "lr.boundaries": (300, 600, 900),
+            "lr.multipliers": (0.1, 0.01, 0.001),
+            "lr.decay_steps": 100,
+        }
+    )
+    trial = lr_sweep.trial_config(config, _plan(config), 0.1, 250)
+    assert (trial.lr.boundaries_unit, trial.lr.boundaries) == ("steps", (75, 150, 225))
+    assert trial.lr.decay_steps == 25
 
 
 def test_default_trial_length_is_the_warmup_plus_two_trend_windows():
@@ -100,35 +126,49 @@ def test_default_trial_length_is_the_warmup_plus_two_trend_windows():
     assert lr_sweep.default_trial_steps(50, 200, 100) == 200
 
 
-def _tiny(data_dir):
-    return testutil.tiny_run_config(data_dir, **{"deterministic": False})
+def test_a_trial_that_ends_on_a_nan_is_saved_as_exploding():
+    trial = _trial(10.0, "explodes", math.inf)
+    saved = json.loads(json.dumps(trial.to_json()))  # Valid JSON: null, not Infinity.
+    assert saved["end_loss"] is None
+    assert lr_sweep.Trial.from_json(saved) == trial
 
 
-def test_a_stopped_sweep_resumes_without_redoing_finished_trials(tmp_path, data_dir, monkeypatch):
-    config = _tiny(data_dir)
+def _tiny(data_dir, **fields):
+    """20-update runs of a tiny MLP; the trend window at its minimum so 10-update trials can be
+    judged (warmup 2 + window 8)."""
+    return testutil.tiny_run_config(
+        data_dir, **{"deterministic": False, "health.trend_window": 8, **fields}
+    )
+
+
+def test_a_stopped_sweep_resumes_without_redoing_finished_trials(
+    tmp_path, data_dir, monkeypatch, caplog
+):
+    """Preempted inside its 2nd trial (SIGTERM at update 5, after that trial's checkpoint):
+    the rerun leaves the 1st trial alone and resumes the 2nd from its checkpoint."""
+    config = _tiny(data_dir, checkpoint_every_steps=5)
     calls = []
     train_and_evaluate = lr_sweep.train.train_and_evaluate
 
-    def preempted_in_second_trial(trial_config, workdir):
+    def counted(trial_config, workdir):
         calls.append(trial_config.lr.base)
         if len(calls) == 2:
-            raise preemption.Preempted(None)
+            testutil.sigterm_at(monkeypatch, 5)
         return train_and_evaluate(trial_config, workdir)
 
-    monkeypatch.setattr(lr_sweep.train, "train_and_evaluate", preempted_in_second_trial)
+    monkeypatch.setattr(lr_sweep.train, "train_and_evaluate", counted)
     with pytest.raises(preemption.Preempted):
-        lr_sweep.run(config, str(tmp_path), base_lrs=[0.1, 0.4], trial_steps=10)
+        lr_sweep.run(config, str(tmp_path), base_lrs=[0.1, 0.4, 0.4000001], trial_steps=10)
     first = tmp_path / "lr_sweep" / "trials" / "lr_base_0.1" / lr_sweep.TRIAL_FILE
     finished = first.read_text()
+    monkeypatch.undo()
 
     calls.clear()
-    monkeypatch.setattr(
-        lr_sweep.train,
-        "train_and_evaluate",
-        lambda c, w: calls.append(c.lr.base) or train_and_evaluate(c, w),
-    )
-    sweep = lr_sweep.run(config, str(tmp_path), trial_steps=10)  # The grid comes from disk.
-    assert calls == [0.4]
+    monkeypatch.setattr(lr_sweep.train, "train_and_evaluate", counted)
+    with caplog.at_level(logging.INFO):
+        sweep = lr_sweep.run(config, str(tmp_path), trial_steps=10)  # The grid comes from disk.
+    assert calls == [0.4]  # 0.4000001 rounded to 0.4: one trial, not two.
+    assert "resumed at step 5" in caplog.text
     assert first.read_text() == finished
     assert [t.base_lr for t in sweep.trials] == [0.1, 0.4]
     out = tmp_path / "lr_sweep"
@@ -139,13 +179,41 @@ def test_a_stopped_sweep_resumes_without_redoing_finished_trials(tmp_path, data_
     assert len(saved["trials"]) == 2 and saved["trial_steps"] == 10
     assert not (tmp_path / "metrics.jsonl").exists()  # The run's own workdir is untouched.
 
-    with pytest.raises(ConfigError, match="rerun without --lrs to continue it"):
-        lr_sweep.run(config, str(tmp_path), base_lrs=[0.2], trial_steps=10)
+    for changed, message in [
+        ({"base_lrs": [0.2]}, r"--lrs \(started with \[0.1, 0.4\]\)"),
+        ({"trial_steps": 12}, r"--trial_steps \(started with 10\)"),
+    ]:
+        with pytest.raises(ConfigError, match=message):
+            lr_sweep.run(config, str(tmp_path), **{"trial_steps": 10, **changed})
+    with pytest.raises(ConfigError, match=r"other settings \(seed\)"):
+        lr_sweep.run(
+            _tiny(data_dir, checkpoint_every_steps=5, seed=1), str(tmp_path), trial_steps=10
+        )
 
 
-def test_trials_must_reach_the_peak(tmp_path, data_dir):
-    with pytest.raises(ConfigError, match=r"--trial_steps \(2\) must exceed the warmup \(2 steps"):
-        lr_sweep.run(_tiny(data_dir), str(tmp_path), base_lrs=[0.1], trial_steps=2)
+def test_a_grid_around_the_range_test_and_an_exploding_trial(tmp_path, data_dir):
+    """Without --lrs the grid is the factors x the range test's suggestion; a trial whose loss
+    goes NaN reads `explodes`, with no loss at the end, and is never the pick."""
+    config = _tiny(data_dir)
+    sweep = lr_sweep.run(
+        config,
+        str(tmp_path),
+        factors=(1.0, 1e12),
+        trial_steps=10,
+        range_test={"min_lr": 1e-3, "max_lr": 10.0, "num_steps": 30},
+    )
+    found = json.loads((tmp_path / "lr_find" / "lr_find.json").read_text())
+    centre = found["suggested_base_lr"]
+    assert [t.base_lr for t in sweep.trials] == [float(f"{centre * f:.4g}") for f in (1, 1e12)]
+    exploded = sweep.trials[1]
+    assert (exploded.verdict, exploded.end_loss) == ("explodes", math.inf)
+    assert sweep.recommended is not sweep.trials[1]
+
+
+def test_trials_must_reach_the_peak_and_be_judged(tmp_path, data_dir):
+    with pytest.raises(ConfigError, match=r"--trial_steps \(9\) must be at least the warmup \(2\)"):
+        lr_sweep.run(_tiny(data_dir), str(tmp_path), base_lrs=[0.1], trial_steps=9)
+    assert not (tmp_path / "lr_sweep").exists()
 
 
 @pytest.mark.slow

@@ -22,7 +22,7 @@ import numpy as np
 import tensorflow as tf
 from absl import flags, logging
 
-from trainer import cli, learning_rate, loop, plotting
+from trainer import cli, loop, plotting
 from trainer import setup as setup_lib
 from trainer import state as state_lib
 from trainer.errors import ConfigError
@@ -56,6 +56,7 @@ class Result:
     suggested_lr: float | None  # For the run's real global batch (a peak LR); None: no decrease.
     suggested_base_lr: float | None  # Scaled back to lr.reference_batch_size (for lr.base).
     suggestions: dict[str, float | None]  # What every rule of RULES reads off (peak LRs).
+    lr_scale: float  # Peak LR per unit of lr.base at this global batch (Plan.lr_scale).
     seconds: float
 
 
@@ -68,50 +69,53 @@ def smooth(losses: list[float], beta: float = 0.9) -> list[float]:
     return smoothed
 
 
-def _minimum(smoothed: np.ndarray) -> int:
-    return int(np.argmin(smoothed))
+def _minimum(curve: np.ndarray) -> int:
+    return int(np.argmin(curve))
 
 
-def _steepest(smoothed: np.ndarray) -> int:
-    """Where the smoothed loss falls fastest per unit of log LR, before its minimum (fastai's
-    `steep`). The LRs are log-spaced, so the slope per step is the slope per log LR."""
-    before_minimum = smoothed[: _minimum(smoothed) + 1]
-    if len(before_minimum) < 2:
-        return 0
-    return int(np.argmin(np.gradient(before_minimum)))
+def _steepest(curve: np.ndarray) -> int:
+    """Where the smoothed loss falls fastest per unit of log LR (fastai's `steep`): the LRs are
+    log-spaced, so the drop per step is the drop per log LR."""
+    return int(np.argmin(np.diff(curve))) if len(curve) > 1 else 0
 
 
-def _valley(smoothed: np.ndarray) -> int:
-    """The middle of the longest valley (fastai's `valley`, as its docs define it): the longest
-    decreasing subsequence of the smoothed loss, read as the stretch from its first to its last
-    index, which tolerates the noise that breaks up any strictly falling run."""
-    longest = np.ones(len(smoothed), dtype=int)  # Longest decreasing subsequence ending at i.
-    first = np.arange(len(smoothed))  # Where that subsequence starts.
-    for i in range(1, len(smoothed)):
-        for j in range(i):
-            if smoothed[i] < smoothed[j] and longest[j] + 1 > longest[i]:
-                longest[i], first[i] = longest[j] + 1, first[j]
+def _valley(curve: np.ndarray) -> int:
+    """Half way into the longest valley (fastai's `valley`, by its published definition): the
+    longest decreasing subsequence of the smoothed loss, which noise cannot break up, taken as
+    the stretch of its length that ends where it ends."""
+    longest = np.ones(len(curve), dtype=int)  # Longest decreasing subsequence ending at i.
+    for i in range(1, len(curve)):
+        earlier = longest[:i][curve[:i] > curve[i]]
+        if len(earlier):
+            longest[i] = earlier.max() + 1
     end = int(np.argmax(longest))
-    return (int(first[end]) + end) // 2
+    start = end - int(longest[end])
+    third = (end - start) / 3
+    return start + int(third) + int(third / 2)
 
 
 # Candidate rules: the index on the sweep's curve, and the factor its LR is divided by. Compared
 # against grids of short training runs on three set-ups in docs/lr_selection.md; DEFAULT_RULE is
 # the one that came closest there.
 RULES = {
-    "minimum/10": (_minimum, 10.0),  # The classic reading (fastai v1: an order of magnitude).
-    "minimum/3": (_minimum, 3.0),  # Smith 2017, 3.3: "1/3 or 1/4" of the largest LR that converges.
+    "minimum/10": (_minimum, 10.0),  # The classic reading (fastai: an order of magnitude below).
+    # Inspired by Smith 2017, 3.3 (a cycle's low bound at 1/3-1/4 of the largest LR that
+    # converges); here a third of the minimum's LR is the peak.
+    "minimum/3": (_minimum, 3.0),
     "steepest": (_steepest, 1.0),
     "valley": (_valley, 1.0),
 }
 DEFAULT_RULE = "minimum/3"
 RULE = flags.DEFINE_enum("rule", DEFAULT_RULE, list(RULES), "How the suggestion is read off.")
+# What the rules leave out, as fastai's lr_find does: the first tenth of the sweep (the smoothing
+# still warming up, steps whose loss barely depends on the LR) and the last 5 steps (divergence).
+TRIM_START_FRACTION, TRIM_END = 0.1, 5
 
 
 def suggest(
     learning_rates: list[float], smoothed: list[float], rule: str = DEFAULT_RULE
 ) -> float | None:
-    """The LR `rule` (a key of RULES) reads off the sweep's smoothed loss curve.
+    """The LR `rule` (a key of RULES) reads off the sweep's smoothed loss curve, trimmed.
 
     None when the loss never fell by 5%: the minimum of a flat, noisy curve means nothing (a
     model that needs a few hundred steps to start learning, swept in too few steps).
@@ -119,8 +123,10 @@ def suggest(
     curve = np.asarray(smoothed, dtype=float)
     if curve[_minimum(curve)] > 0.95 * curve[0]:
         return None
+    first = int(TRIM_START_FRACTION * len(curve))
+    trimmed = curve[first : max(len(curve) - TRIM_END, first + 1)]
     index, divisor = RULES[rule]
-    return learning_rates[index(curve)] / divisor
+    return learning_rates[first + index(trimmed)] / divisor
 
 
 def run(
@@ -164,10 +170,7 @@ def run(
     smoothed = smooth(finite)
     suggestions = {name: suggest(learning_rates, smoothed, name) for name in RULES}
     suggested = suggestions[rule]
-    plan = setup.plan
-    scale = learning_rate.scale_learning_rate(
-        1.0, plan.reference_batch_size, plan.global_batch_size, plan.lr_scaling
-    )
+    scale = setup.plan.lr_scale
     result = Result(
         learning_rates=learning_rates,
         losses=losses,
@@ -176,6 +179,7 @@ def run(
         suggested_lr=suggested,
         suggested_base_lr=None if suggested is None else suggested / scale,
         suggestions=suggestions,
+        lr_scale=scale,
         seconds=time.monotonic() - started,
     )
     if setup.topology.is_chief:

@@ -1,6 +1,6 @@
 """Which LR range-test reading holds up: every rule of `trainer.lr_find` against grids of runs.
 
-  python -m experiments.lr_rules --output_dir=/tmp/lr_rules [--data_dir=DIR]   # ~30 min, 2 cores
+  python -m experiments.lr_rules --output_dir=/tmp/lr_rules [--data_dir=DIR]   # ~10 min, 2 cores
   python -m experiments.lr_rules --output_dir=/tmp/lr_rules_smoke --smoke      # < 2 min
 
 For each set-up: one LR range test (`lr_find.run`, the applied LR swept from 1e-5 to 10 over 300
@@ -14,7 +14,8 @@ configs/adamw_sqrt.py (AdamW, sqrt scaling), and configs/default.py with the MLP
 model). Precision stays the config's `auto` (mixed_bfloat16 on a CPU with AMX, as here).
 
 Writes results.md (the table for docs/lr_selection.md), results.json, and each set-up's
-lr_find/ and lr_sweep/ under OUTPUT_DIR/SETUP/. Rerunning continues where it stopped.
+lr_find/ and lr_sweep/ under OUTPUT_DIR/SETUP/. A rerun repeats the range tests (seconds) and
+continues the grids (finished runs are not repeated); use a new OUTPUT_DIR for --smoke.
 """
 
 import dataclasses
@@ -75,13 +76,12 @@ def run_setup(
     config.dataset.data_dir = data_dir
     workdir = _directory(output_dir, setup)
     found = lr_find.run(config, workdir, **(range_test or RANGE_TEST))
-    base_per_peak = found.suggested_base_lr / found.suggested_lr if found.suggested_lr else None
     grid = list(grid or setup.grid)
     sweep = lr_sweep.run(config, workdir, base_lrs=grid, trial_steps=trial_steps)
     return {
         "setup": setup.name,
         "suggested_base_lrs": {
-            rule: (lr * base_per_peak if lr and base_per_peak else None)
+            rule: None if lr is None else lr / found.lr_scale
             for rule, lr in found.suggestions.items()
         },
         "sweep_pick": sweep.recommended.base_lr if sweep.recommended else None,

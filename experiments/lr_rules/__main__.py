@@ -21,7 +21,7 @@ def main(argv: list[str]) -> None:
     short = {}
     if _SMOKE.value:
         short = {
-            "trial_steps": 60,
+            "trial_steps": 150,  # The warmup (50) and one health.trend_window (100).
             "range_test": {"min_lr": 1e-3, "max_lr": 10.0, "num_steps": 30},
             "grid": (0.05, 0.2),
         }

@@ -47,6 +47,12 @@ class Plan:
     boundaries: tuple[int, ...]  # piecewise decay, in steps
     milestones: tuple[int, ...]  # lr_control milestones, in steps
 
+    @property
+    def lr_scale(self) -> float:
+        """The peak LR per unit of lr.base at this global batch: the scaling rule's factor, for
+        tools that report an LR both ways (lr_find, lr_sweep)."""
+        return self.peak_lr / self.base_lr
+
     def summary(self) -> str:
         """The one start-up line with the numbers people get wrong."""
         return (
