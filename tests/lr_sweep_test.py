@@ -1,6 +1,7 @@
 """The LR stability sweep: trials through the real trainer, health verdicts, a recommendation that
 holds up, cheap to stop and resume."""
 
+import importlib
 import json
 import logging
 import math
@@ -116,9 +117,10 @@ def test_a_piecewise_or_exponential_decay_shrinks_with_the_trial():
             "lr.decay_steps": 100,
         }
     )
-    trial = lr_sweep.trial_config(config, _plan(config), 0.1, 250)
-    assert (trial.lr.boundaries_unit, trial.lr.boundaries) == ("steps", (75, 150, 225))
-    assert trial.lr.decay_steps == 25
+    trial = lr_sweep.trial_config(config, _plan(config), 0.1, 240)
+    # After the 50 warmup updates, 950 planned updates become 190: a fifth.
+    assert (trial.lr.boundaries_unit, trial.lr.boundaries) == ("steps", (100, 160, 220))
+    assert trial.lr.decay_steps == 20
 
 
 def test_default_trial_length_is_the_warmup_plus_two_trend_windows():
@@ -238,3 +240,14 @@ def test_default_config_sweep_picks_an_lr_within_a_point_of_the_best(tmp_path, d
     assert accuracy[sweep.recommended.base_lr] >= max(accuracy.values()) - 0.01
     # Reported for the real global batch (128 of reference 256, linear) and as lr.base.
     assert sweep.recommended.peak_lr == pytest.approx(sweep.recommended.base_lr / 2)
+
+
+@pytest.mark.parametrize("name", ["default", "adamw_sqrt", "imagenet_resnet50"])
+def test_every_shipped_config_gives_valid_trials(name):
+    """The ResNet-50 recipe's piecewise boundaries (epochs 30/60/80) would fall beyond a
+    default-length trial if they did not shrink with it."""
+    config = importlib.import_module(f"configs.{name}").get_config()
+    plan = plan_lib.make_plan(config, num_replicas=8, num_workers=1, train_examples=1_281_167)
+    window = config.health.trend_window
+    steps = lr_sweep.default_trial_steps(plan.warmup_steps, plan.total_steps, window)
+    lr_sweep._check_trial(lr_sweep.trial_config(config, plan, config.lr.base, steps), plan)

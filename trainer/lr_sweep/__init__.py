@@ -100,23 +100,29 @@ def trial_config(
     """The run `config` describes (planned as `plan`), at lr.base = `base_lr`, compressed to
     `trial_steps` updates.
 
-    The warmup keeps its length in updates; piecewise boundaries and exponential decay_steps
-    shrink by trial_steps / planned total. What would hide or end an instability is off: the NaN
-    policy fails (a recovery would retry at a lower LR), the health action only warns (skip and
-    rollback would drop the evidence), and LR milestones and reduce-on-plateau (planned for the
-    whole run) do not act. Nothing is exported and no best checkpoint is kept.
+    The warmup keeps its length in updates; the decay after it shrinks by (trial_steps -
+    warmup) / (planned total - warmup), piecewise boundaries and exponential decay_steps too.
+    What would hide or end an instability is off: the NaN policy fails (a recovery would retry
+    at a lower LR), the health action only warns (skip and rollback would drop the evidence),
+    and LR milestones and reduce-on-plateau (planned for the whole run) do not act. Nothing is
+    exported and no best checkpoint is kept.
     """
     trial = ml_collections.ConfigDict(config.to_dict())
-    shrink = trial_steps / plan.total_steps
+    warmup = plan.warmup_steps
+    # The decay phase, after the warmup, shrinks: as cosine, linear and polynomial do by ending
+    # at the trial's total_steps, so do piecewise boundaries and exponential decay_steps.
+    shrink = (trial_steps - warmup) / max(plan.total_steps - warmup, 1)
     trial.lr.base = base_lr
     trial.total_steps = trial_steps
     trial.total_epochs = None
     trial.total_examples = None
-    trial.lr.warmup_steps = plan.warmup_steps
+    trial.lr.warmup_steps = warmup
     trial.lr.warmup_epochs = None
     if trial.lr.decay == "piecewise":
         trial.lr.boundaries_unit = "steps"
-        trial.lr.boundaries = tuple(max(1, round(b * shrink)) for b in plan.boundaries)
+        trial.lr.boundaries = tuple(
+            warmup + max(1, round((b - warmup) * shrink)) for b in plan.boundaries
+        )
     trial.lr.decay_steps = max(1, round(config.lr.decay_steps * shrink))
     trial.checkpoint_every_steps = min(config.checkpoint_every_steps, trial_steps)
     trial.lr.milestones = ()
