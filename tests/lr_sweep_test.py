@@ -220,26 +220,32 @@ def test_trials_must_reach_the_peak_and_be_judged(tmp_path, data_dir):
 
 @pytest.mark.slow
 def test_default_config_sweep_picks_an_lr_within_a_point_of_the_best(tmp_path, data_dir):
-    """The default config (float32, Mirrored over 2 logical CPUs as the stand-in for 2 GPUs):
-    too low is too slow, far too high is caught by the health rules, and the pick's eval
-    accuracy is within 1 point of the best trial's."""
-    config = testutil.config_with(
-        **{
-            "dataset.data_dir": data_dir,
-            "distribution.strategy": "mirrored",
-            "distribution.cpu_replicas": 2,
-        }
+    """The command on the default config (float32, Mirrored over 2 logical CPUs as the stand-in
+    for 2 GPUs; its own process, as a user runs it): too low is too slow, far too high is
+    caught by the health rules, and the pick's eval accuracy is within 1 point of the best
+    trial's."""
+    command = testutil.main_command(
+        tmp_path,
+        "--config.distribution.strategy=mirrored",
+        "--config.distribution.cpu_replicas=2",
+        "--lrs=0.025,0.2,0.4,1.6",
+        "--trial_steps=250",
+        data_dir=data_dir,
+        module="trainer.lr_sweep",
     )
-    sweep = lr_sweep.run(config, str(tmp_path), base_lrs=[0.025, 0.2, 0.4, 1.6], trial_steps=250)
-    readings = {t.base_lr: sweep.reading(t) for t in sweep.trials}
-    assert readings[0.025] == "too slow"
-    assert readings[1.6] in ("explodes", "stalls", "oscillates")
-    assert sweep.recommended is not None and sweep.recommended.verdict in lr_sweep.TRAINABLE
-    accuracy = {t.base_lr: t.eval_metrics["eval_accuracy"] for t in sweep.trials}
+    result = testutil.run_command(command, timeout=900)
+    assert "lr_sweep | recommended lr.base: " in result.stderr
+    saved = json.loads((tmp_path / "lr_sweep" / "lr_sweep.json").read_text())
+    trials = {t["base_lr"]: t for t in saved["trials"]}
+    assert trials[0.025]["reading"] == "too slow"
+    assert trials[1.6]["reading"] in ("explodes", "stalls", "oscillates")
+    pick = trials[saved["recommended_base_lr"]]
+    assert pick["verdict"] in lr_sweep.TRAINABLE
+    accuracy = {lr: t["eval_metrics"]["eval_accuracy"] for lr, t in trials.items()}
     assert max(accuracy.values()) > 0.9  # Far above chance (0.1): the comparison means something.
-    assert accuracy[sweep.recommended.base_lr] >= max(accuracy.values()) - 0.01
+    assert accuracy[pick["base_lr"]] >= max(accuracy.values()) - 0.01
     # Reported for the real global batch (128 of reference 256, linear) and as lr.base.
-    assert sweep.recommended.peak_lr == pytest.approx(sweep.recommended.base_lr / 2)
+    assert saved["recommended_peak_lr"] == pytest.approx(saved["recommended_base_lr"] / 2)
 
 
 @pytest.mark.parametrize("name", ["default", "adamw_sqrt", "imagenet_resnet50"])

@@ -50,7 +50,7 @@ def write(sweep, directory: str) -> None:
     with tf.io.gfile.GFile(os.path.join(directory, "lr_sweep.json"), "w") as f:
         json.dump(
             {
-                "trials": [t.to_json() for t in sweep.trials],
+                "trials": [{**t.to_json(), "reading": sweep.reading(t)} for t in sweep.trials],
                 "trial_steps": sweep.trial_steps,
                 "recommended_base_lr": sweep.recommended and sweep.recommended.base_lr,
                 "recommended_peak_lr": sweep.recommended and sweep.recommended.peak_lr,
