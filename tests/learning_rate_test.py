@@ -294,6 +294,7 @@ def test_traces_once_in_tf_function_with_variable_step():
     assert len(traces) == 1
 
 
+@pytest.mark.xla_cpu
 def test_compiles_with_xla_in_replica_context():
     # XLA compilation stands in for TPU; strategy.run puts the call in a replica context.
     schedule = WarmupDecaySchedule(**PIECEWISE)

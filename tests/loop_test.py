@@ -292,6 +292,7 @@ def test_skip_drops_a_spiking_update_and_only_advances_the_step(num_replicas):
     assert (signals["update_norm"] > 0).all()
 
 
+@pytest.mark.xla_cpu
 @pytest.mark.parametrize("num_replicas", [1, 2])
 def test_jit_compile_trains_like_the_graph(num_replicas):
     """XLA fuses and reorders float ops, so equal within float32 round-off, not bitwise."""
@@ -311,6 +312,7 @@ def test_jit_compile_trains_like_the_graph(num_replicas):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.xla_cpu
 def test_xla_error_names_an_op_without_an_xla_kernel_and_leaves_other_errors_alone():
     @tf.function(jit_compile=True)
     def with_a_string_op(x):
