@@ -305,7 +305,8 @@ def run(
         )
     started = tf.io.gfile.exists(os.path.join(directory, GRID_FILE))
     if not base_lrs and not started:
-        base_lrs = [_centre(config, workdir, range_test or {}) * f for f in factors]
+        centre = _centre(config, workdir, range_test or {})
+        base_lrs = [centre * f for f in factors]
     if any(not (math.isfinite(lr) and lr > 0) for lr in base_lrs):
         raise ConfigError(f"the grid of lr.base ({list(base_lrs)}) must be positive numbers")
     requested = sorted({float(f"{lr:.4g}") for lr in base_lrs})
