@@ -193,10 +193,15 @@ def test_a_stopped_sweep_resumes_without_redoing_finished_trials(
         )
 
 
-def test_a_grid_around_the_range_test_and_an_exploding_trial(tmp_path, data_dir):
-    """Without --lrs the grid is the factors x the range test's suggestion; a trial whose loss
-    goes NaN reads `explodes`, with no loss at the end, and is never the pick."""
+def test_a_grid_around_the_range_test_and_an_exploding_trial(tmp_path, data_dir, monkeypatch):
+    """Without --lrs the grid is the factors x the range test's suggestion (one range test); a
+    trial whose loss goes NaN reads `explodes`, with no loss at the end, and is never the pick."""
     config = _tiny(data_dir)
+    range_tests = []
+    range_test = lr_sweep.lr_find.run
+    monkeypatch.setattr(
+        lr_sweep.lr_find, "run", lambda *a, **k: range_tests.append(1) or range_test(*a, **k)
+    )
     sweep = lr_sweep.run(
         config,
         str(tmp_path),
@@ -207,6 +212,7 @@ def test_a_grid_around_the_range_test_and_an_exploding_trial(tmp_path, data_dir)
     found = json.loads((tmp_path / "lr_find" / "lr_find.json").read_text())
     centre = found["suggested_base_lr"]
     assert [t.base_lr for t in sweep.trials] == [float(f"{centre * f:.4g}") for f in (1, 1e12)]
+    assert range_tests == [1]
     exploded = sweep.trials[1]
     assert (exploded.verdict, exploded.end_loss) == ("explodes", math.inf)
     assert sweep.recommended is not sweep.trials[1]
