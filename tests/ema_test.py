@@ -164,12 +164,12 @@ def test_a_checkpoint_without_averages_is_refused_to_a_run_that_keeps_them():
         model_variables=[[2]],
         optimizer="sgd",
         plan={},
-        config={},
+        config={"ema_decay": 0.0},
         versions={},
     )
-    with_ema = dataclasses.replace(manifest, weight_ema=True)
-    assert "ema_decay 0) vs this run's ema_decay > 0" in manifest.incompatibility(with_ema)
-    assert with_ema.incompatibility(manifest) is None  # Turning it off drops the averages.
+    with_ema = dataclasses.replace(manifest, weight_ema=True, config={"ema_decay": 0.9})
+    assert manifest.state_change(with_ema) == ("ema_decay", "an EMA of the weights")
+    assert with_ema.state_change(manifest) is None  # Turning it off drops the averages.
 
 
 # ---------------------------------------------------------------------------------------------

@@ -96,8 +96,6 @@ class Manifest:
             )
         if self.optimizer != other.optimizer:
             return f"optimizer '{self.optimizer}' vs this run's '{other.optimizer}'"
-        if other.weight_ema and not self.weight_ema:  # The other way round, the EMA is dropped.
-            return "a run without an EMA of the weights (ema_decay 0) vs this run's ema_decay > 0"
         return None
 
     def state_change(self, other: "Manifest") -> tuple[str, str] | None:

@@ -133,9 +133,9 @@ def run(
     config: ml_collections.ConfigDict,
     workdir: str,
     *,
-    min_lr: float,
-    max_lr: float,
-    num_steps: int,
+    min_lr: float = MIN_LR.default,
+    max_lr: float = MAX_LR.default,
+    num_steps: int = NUM_STEPS.default,
     rule: str = DEFAULT_RULE,
     divergence: float = 4.0,
 ) -> Result:

@@ -284,8 +284,9 @@ def run(
 
     `base_lrs` are the values of lr.base to try (rounded to 4 significant digits, which name the
     trials' workdirs); without them, `factors` x the range test's suggested lr.base, the range
-    test (`range_test`: lr_find.run's keyword arguments) running only when neither
-    WORKDIR/lr_find/ nor a started sweep is there. `trial_steps` 0 = `default_trial_steps`.
+    test (`range_test`: lr_find.run's keyword arguments, its defaults when None) running only
+    when neither WORKDIR/lr_find/ nor a started sweep is there. `trial_steps` 0 =
+    `default_trial_steps`.
     """
     directory = os.path.join(workdir, DIRECTORY)
     setup = setup_lib.prepare(config)
