@@ -265,7 +265,7 @@ def _health_events(workdir) -> list[dict]:
     return [r for r in metrics.read_records(str(workdir)) if r.get("kind") == "health"]
 
 
-def _run_spiked(workdir, *overrides, data_dir, update, check=True):
+def _run_spiked(workdir, *overrides, data_dir, update):
     """`run_main` through tests/spike_injection.py: the loss of `update` spikes (once)."""
     command = testutil.main_command(
         workdir, *overrides, data_dir=data_dir, module="spike_injection"
@@ -389,7 +389,8 @@ def test_skip_on_2_replicas_and_a_sigterm_after_it_resumes_bitwise(
     skipped_straight, tmp_path, data_dir
 ):
     _check_skipped(skipped_straight)
-    process = _run_spiked(tmp_path, *SKIP, *TWO, data_dir=data_dir, update=SPIKE_AT)
+    held = f"--hold_at_step={SPIKE_AT + 15}"  # It stops by then (tests/hold_for_signal.py).
+    process = _run_spiked(tmp_path, *SKIP, *TWO, held, data_dir=data_dir, update=SPIKE_AT)
     testutil.wait_for_step(tmp_path, SPIKE_AT + 5, process)
     process.send_signal(signal.SIGTERM)
     _finish(process, expect=preemption.EXIT_CODE_PREEMPTED)

@@ -95,7 +95,9 @@ def straight(tmp_path_factory, data_dir):
 
 def test_preempted_run_on_records_resumes_bitwise_identical(straight, tmp_path, data_dir):
     """Records, crops and flips are all a function of the position: SIGTERM changes nothing."""
-    process = testutil.start_main(tmp_path, *SCALE, *SMALL, data_dir=data_dir, config=CONFIG)
+    process = testutil.start_main(
+        tmp_path, *SCALE, *SMALL, data_dir=data_dir, config=CONFIG, hold_at_step=6
+    )
     wait_for_step(tmp_path, 3, process)
     process.send_signal(signal.SIGTERM)
     _, stderr = process.communicate(timeout=300)

@@ -100,7 +100,7 @@ def test_mixed_bfloat16_trains_like_float32(bf16_run, tmp_path, data_dir):
 @pytest.mark.slow
 def test_mixed_bfloat16_resumes_bitwise_after_sigterm(bf16_run, tmp_path, data_dir):
     process = testutil.start_main(
-        tmp_path, *RUN, "--config.precision=mixed_bfloat16", data_dir=data_dir
+        tmp_path, *RUN, "--config.precision=mixed_bfloat16", data_dir=data_dir, hold_at_step=100
     )
     wait_for_step(tmp_path, 50, process)
     process.send_signal(signal.SIGTERM)

@@ -38,8 +38,8 @@ RUN = (
 )
 
 
-def start(workdir, data_dir, *extra: str) -> subprocess.Popen:
-    return testutil.start_main(workdir, *RUN, *extra, data_dir=data_dir)
+def start(workdir, data_dir, *extra: str, hold_at_step: int | None = None) -> subprocess.Popen:
+    return testutil.start_main(workdir, *RUN, *extra, data_dir=data_dir, hold_at_step=hold_at_step)
 
 
 @pytest.fixture(scope="module")
@@ -51,8 +51,9 @@ def straight(tmp_path_factory, data_dir):
 
 def test_sigterm_twice_then_resume_is_bitwise_identical(straight, tmp_path, data_dir):
     rng = random.Random(0)
-    for after_step in (10, 35):  # Several interruptions, the second before the milestone.
-        process = start(tmp_path, data_dir)
+    # Several interruptions, the second before the milestone (the run stops by step 40).
+    for after_step in (10, 35):
+        process = start(tmp_path, data_dir, hold_at_step=after_step + 5)
         wait_for_step(tmp_path, after_step, process)
         time.sleep(rng.uniform(0, 0.5))  # An arbitrary moment inside the next inner loop.
         process.send_signal(signal.SIGTERM)
@@ -79,7 +80,7 @@ def test_sigterm_with_accumulation_stops_at_an_update_boundary_and_resumes_bitwi
     accumulate = "--config.accumulation_steps=4"
     straight, interrupted = tmp_path / "straight", tmp_path / "interrupted"
     testutil.run_main(straight, *RUN, accumulate, data_dir=data_dir)
-    process = start(interrupted, data_dir, accumulate)
+    process = start(interrupted, data_dir, accumulate, hold_at_step=30)
     wait_for_step(interrupted, 20, process)
     time.sleep(random.Random(2).uniform(0, 0.5))
     process.send_signal(signal.SIGTERM)

@@ -8,6 +8,7 @@ gradient norm jump far above their recent history. A health rollback disarms it 
 run then passes update N cleanly).
 """
 
+import hold_for_signal
 import logit_injection
 from absl import flags
 
@@ -17,6 +18,7 @@ _SPIKE_AT_UPDATE = flags.DEFINE_integer("spike_at_update", 1, "The update whose 
 _SPIKE_FACTOR = flags.DEFINE_float("spike_factor", 50.0, "Logits x this in that update.")
 
 if __name__ == "__main__":
+    hold_for_signal.install()  # Its --hold_at_step, for a test that signals the spiked run.
     logit_injection.install(
         lambda: _SPIKE_AT_UPDATE.value, lambda: _SPIKE_FACTOR.value, "roll_back"
     )

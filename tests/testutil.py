@@ -157,12 +157,29 @@ def run_main(
     )
 
 
-def start_main(workdir, *overrides: str, data_dir: str, config: str = "configs/default.py"):
-    """Starts `python -m trainer.main` in the background (to signal or kill it)."""
+def start_main(
+    workdir,
+    *overrides: str,
+    data_dir: str,
+    config: str = "configs/default.py",
+    hold_at_step: int | None = None,
+):
+    """Starts `python -m trainer.main` in the background (to signal or kill it).
+
+    With `hold_at_step` it runs through tests/hold_for_signal.py: it stops at that step's loop
+    boundary at the latest, so a test that signals it cannot lose the race against its end."""
+    if hold_at_step is None:
+        command, env = main_command(workdir, *overrides, data_dir=data_dir, config=config), ENV
+    else:
+        command = main_command(
+            workdir, *overrides, data_dir=data_dir, config=config, module="hold_for_signal"
+        )
+        command.append(f"--hold_at_step={hold_at_step}")
+        env = INJECTION_ENV
     return subprocess.Popen(
-        main_command(workdir, *overrides, data_dir=data_dir, config=config),
+        command,
         cwd=REPO,
-        env=ENV,
+        env=env,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         text=True,
