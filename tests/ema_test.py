@@ -168,7 +168,7 @@ def test_a_checkpoint_without_averages_is_refused_to_a_run_that_keeps_them():
         versions={},
     )
     with_ema = dataclasses.replace(manifest, weight_ema=True, config={"ema_decay": 0.9})
-    assert manifest.state_change(with_ema) == ("ema_decay", "an EMA of the weights")
+    assert manifest.state_change(with_ema) == ("ema_decay", 0.0, 0.9, "an EMA of the weights")
     assert with_ema.state_change(manifest) is None  # Turning it off drops the averages.
 
 

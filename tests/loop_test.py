@@ -9,6 +9,7 @@ import testutil
 
 from configs import default as default_config
 from trainer import data, learning_rate, loop, lr_control, lr_override, precision, sources
+from trainer.errors import UserError
 
 NUM_CLASSES = 3
 GLOBAL_BATCH = 8
@@ -186,7 +187,7 @@ def test_a_keras_without_the_reduce_hook_is_refused():
     class Optimizer:  # A stand-in for a Keras whose optimizer lost its private hook.
         pass
 
-    with pytest.raises(RuntimeError, match="install the Keras version pyproject.toml names"):
+    with pytest.raises(UserError, match="install the Keras version pyproject.toml names"):
         loop._hand_reduced_gradients_to(Optimizer())
 
 

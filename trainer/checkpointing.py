@@ -98,14 +98,15 @@ class Manifest:
             return f"optimizer '{self.optimizer}' vs this run's '{other.optimizer}'"
         return None
 
-    def state_change(self, other: "Manifest") -> tuple[str, str] | None:
-        """(field, what it adds) of the first config field whose value in `other` (this run's)
-        needs variables this checkpoint does not hold, or None. A field missing from either
-        config (a manifest older than the field) is not judged."""
+    def state_change(self, other: "Manifest") -> tuple[str, object, object, str] | None:
+        """(field, its value here, its value in `other` (this run's), what the new value adds)
+        of the first config field whose value in `other` needs variables this checkpoint does
+        not hold, or None. A field missing from either config (a manifest older than the field)
+        is not judged."""
         saved, new = flatten_config(self.config), flatten_config(other.config)
         for field, needs_more, adds in _STATE_SHAPING:
             if field in saved and field in new and needs_more(saved[field], new[field], new):
-                return field, adds
+                return field, saved[field], new[field], adds
         return None
 
 
@@ -294,8 +295,7 @@ def _refuse_state_change(prefix: str, saved: Manifest, expected: Manifest) -> No
     change = saved.state_change(expected)
     if change is None:
         return
-    field, adds = change
-    old, new = flatten_config(saved.config)[field], flatten_config(expected.config)[field]
+    field, old, new, adds = change
     raise ConfigError(
         f"{field} changed on resume from {json.dumps(old)} (in {prefix}) to {json.dumps(new)}, "
         f"which needs {adds} that the checkpoint does not hold: resume with "

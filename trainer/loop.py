@@ -13,7 +13,7 @@ import keras
 import tensorflow as tf
 
 from trainer.ema import WeightEMA
-from trainer.errors import ConfigError
+from trainer.errors import ConfigError, UserError
 from trainer.precision import LossScale
 
 SUM = tf.distribute.ReduceOp.SUM
@@ -115,10 +115,11 @@ def _hand_reduced_gradients_to(optimizer: keras.optimizers.Optimizer) -> None:
     replicas (benchmarks/health_overhead.py). Replacing its `_all_reduce_sum_gradients` on this
     instance by the identity removes it; only the loop may call this optimizer's
     `apply_gradients` afterwards. The hook is private, so the Keras range in pyproject.toml is
-    narrow, and a Keras without it is refused here rather than silently reducing twice.
+    narrow, and a Keras without it (an install that ignored that range) is refused here, in one
+    line, rather than silently reducing twice.
     """
     if not callable(getattr(optimizer, "_all_reduce_sum_gradients", None)):
-        raise RuntimeError(
+        raise UserError(
             f"Keras {keras.__version__}'s optimizer has no _all_reduce_sum_gradients: install "
             "the Keras version pyproject.toml names (pip install -e .)"
         )
@@ -303,9 +304,8 @@ def xla_error(error: tf.errors.OpError) -> ConfigError | None:
     if match := _NOT_DETERMINISTIC.search(error.message):
         return ConfigError(
             f"{prefix} with op determinism on (deterministic, on by default without a GPU or "
-            f"TPU): "
-            f"{match.group(1).strip().rstrip('.')}; set --config.deterministic=False (runs are "
-            "then not bitwise reproducible) or --config.jit_compile=False"
+            f"TPU): {match.group(1).strip().rstrip('.')}; set --config.deterministic=False (runs "
+            "are then not bitwise reproducible) or --config.jit_compile=False"
         )
     if match := _NO_XLA_KERNEL.search(error.message):
         return ConfigError(

@@ -102,12 +102,13 @@ def score(result: dict, base_lr: float | None) -> tuple[float | None, float | No
 def summarize(results: list[dict]) -> str:
     """The Markdown tables: the grids, then each rule's suggestion and what it costs."""
     lines = []
+    best = {}  # Per set-up: the grid's lr.base of the best eval accuracy.
     for result in results:
         accuracy = result["eval_accuracy"]
-        best = max(accuracy, key=lambda lr: accuracy[lr] or 0.0)
+        best[result["setup"]] = max(accuracy, key=lambda lr: accuracy[lr] or 0.0)
         lines += [
             f"**{result['setup']}**: eval accuracy after {TRIAL_STEPS} updates per lr.base "
-            f"(best {best:g}):",
+            f"(best {best[result['setup']]:g}):",
             "",
             "| lr.base | " + " | ".join(f"{lr:g}" for lr in accuracy) + " |",
             "|---|" + "---|" * len(accuracy),
@@ -125,8 +126,6 @@ def summarize(results: list[dict]) -> str:
     for rule in rules:
         cells, worst = [], 0.0
         for result in results:
-            accuracy = result["eval_accuracy"]
-            best = max(accuracy, key=lambda lr: accuracy[lr] or 0.0)
             suggested = (
                 result["sweep_pick"]
                 if rule == "lr_sweep pick"
@@ -138,7 +137,8 @@ def summarize(results: list[dict]) -> str:
                 worst = math.inf
                 continue
             worst = max(worst, lost)
-            cells.append(f"{suggested:.3g} ({suggested / best:.2g}x best): -{lost:.1f} pts")
+            times_best = suggested / best[result["setup"]]
+            cells.append(f"{suggested:.3g} ({times_best:.2g}x best): -{lost:.1f} pts")
         lines.append(f"| {rule} | " + " | ".join(cells) + f" | -{worst:.1f} pts |")
     return "\n".join(lines) + "\n"
 
