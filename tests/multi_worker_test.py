@@ -5,6 +5,7 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 import time
 
 import numpy as np
@@ -27,7 +28,7 @@ RUN = (
 )
 
 
-def launch(workdir, data_dir, *overrides: str) -> subprocess.Popen:
+def launch(workdir, data_dir, *overrides: str, env=testutil.ENV) -> subprocess.Popen:
     command = [
         "launch/multi_worker_local.sh",
         "2",
@@ -36,7 +37,7 @@ def launch(workdir, data_dir, *overrides: str) -> subprocess.Popen:
     return subprocess.Popen(
         command,
         cwd=testutil.REPO,
-        env=testutil.ENV,
+        env=env,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         text=True,
@@ -44,11 +45,33 @@ def launch(workdir, data_dir, *overrides: str) -> subprocess.Popen:
     )
 
 
-def workers_of(workdir) -> list[int]:
+def workers_of(workdir, module: str = "trainer.main") -> list[int]:
     found = subprocess.run(
-        ["pgrep", "-f", f"trainer.main.*--workdir={workdir} "], capture_output=True, text=True
+        ["pgrep", "-f", f"{module}.*--workdir={workdir} "], capture_output=True, text=True
     )
     return [int(pid) for pid in found.stdout.split()]
+
+
+def chief_held_at(step: int, directory) -> dict:
+    """The environment of a launch whose first chief (TF_CONFIG index 0) runs through
+    tests/hold_for_signal.py, so it stops by `step` at the latest: a `python` first on PATH swaps
+    its `-m trainer.main` once, and passes every other call (the relaunch, the other worker, the
+    launcher's own scripts) to the real interpreter."""
+    marker = directory / "chief_held"
+    shim = directory / "bin" / "python"
+    shim.parent.mkdir()
+    shim.write_text(
+        "#!/usr/bin/env bash\n"
+        f'if [[ "$1 $2" == "-m trainer.main" && "$TF_CONFIG" == *\'"index": 0}}\'* '
+        f"&& ! -e {marker} ]]; then\n"
+        f"  touch {marker}\n"
+        f'  shift 2; exec {sys.executable} -m hold_for_signal --hold_at_step={step} "$@"\n'
+        "fi\n"
+        f'exec {sys.executable} "$@"\n'
+    )
+    shim.chmod(0o755)
+    env = testutil.INJECTION_ENV
+    return {**env, "PATH": f"{shim.parent}{os.pathsep}{env['PATH']}"}
 
 
 @pytest.fixture(scope="module")
@@ -184,10 +207,10 @@ def test_slurm_sbatch_trains_through_the_slurm_cluster_resolver(tmp_path, data_d
 def test_sigterm_to_one_worker_checkpoints_both_and_the_launcher_resumes(
     straight, tmp_path, data_dir
 ):
-    process = launch(tmp_path, data_dir)
+    process = launch(tmp_path, data_dir, env=chief_held_at(15, tmp_path))
     wait_for_step(tmp_path, 5, process)
-    (worker, *_) = workers_of(tmp_path)
-    os.kill(worker, signal.SIGTERM)
+    (chief,) = workers_of(tmp_path, module="hold_for_signal")
+    os.kill(chief, signal.SIGTERM)
     _, stderr = process.communicate(timeout=600)
     assert process.returncode == 0, stderr[-3000:]
     assert "exit 42 (preempted); resuming" in stderr

@@ -97,7 +97,7 @@ def test_sigterm_with_accumulation_stops_at_an_update_boundary_and_resumes_bitwi
 def test_sigkill_at_an_arbitrary_moment_resumes_from_the_last_complete_save(
     straight, tmp_path, data_dir
 ):
-    process = start(tmp_path, data_dir)
+    process = start(tmp_path, data_dir, hold_at_step=40)  # The kill ends the hold, if held.
     wait_for_step(tmp_path, 20, process)  # Around the step-20 checkpoint write.
     time.sleep(random.Random(1).uniform(0, 0.3))
     process.kill()
