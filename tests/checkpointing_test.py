@@ -1,5 +1,6 @@
 """Checkpoints: the manifest as commit marker, fallbacks, refusals, and what gets saved."""
 
+import dataclasses
 import os
 import subprocess
 import sys
@@ -300,3 +301,64 @@ def test_find_checkpoint_says_what_is_there(tmp_path):
     os.remove(os.path.join(run.checkpointer.directory, "ckpt-10.manifest.json"))
     with pytest.raises(checkpointing.CheckpointError, match="has no manifest"):
         checkpointing.find_checkpoint(os.path.join(run.checkpointer.directory, "ckpt-10"))
+
+
+def _manifest_for(**config) -> checkpointing.Manifest:
+    base = {"optimizer.name": "sgd", "optimizer.momentum": 0.9}
+    nested: dict = {}
+    for field, value in {**base, **config}.items():  # {"a.b": 1} -> {"a": {"b": 1}}
+        *parents, leaf = field.split(".")
+        node = nested
+        for parent in parents:
+            node = node.setdefault(parent, {})
+        node[leaf] = value
+    return checkpointing.Manifest(
+        step=1,
+        examples_seen=8,
+        model="mlp",
+        model_variables=[[2]],
+        optimizer="sgd",
+        plan={},
+        config=nested,
+        versions={},
+    )
+
+
+@pytest.mark.parametrize(
+    "field, saved, resumed, adds",
+    [
+        ("precision", "float32", "mixed_float16", "a dynamic loss scale"),
+        ("precision", "mixed_bfloat16", "mixed_float16", "a dynamic loss scale"),
+        ("precision", "mixed_float16", "float32", None),  # The loss scale is left unread.
+        ("precision", "float32", "mixed_bfloat16", None),  # bfloat16 needs no loss scale.
+        ("optimizer.momentum", 0.0, 0.9, "a velocity per weight"),
+        ("optimizer.momentum", 0.9, 0.0, None),
+        ("optimizer.momentum_correction", False, True, "a previous learning rate per weight"),
+        ("optimizer.momentum_correction", True, False, None),
+        ("ema_decay", 0.0, 0.9, "an EMA of the weights"),
+        ("ema_decay", 0.9, 0.0, None),  # Turning it off drops the averages.
+        ("ema_decay", 0.9, 0.99, None),  # Same variables, another rate.
+        ("model.dropout_rate", 0.0, 0.3, "a dropout RNG state"),
+        ("model.dropout_rate", 0.3, 0.0, None),
+        ("health.window", 64, 128, "spike statistics of that length"),
+        ("health.window", 64, 64, None),
+    ],
+)
+def test_state_change_names_a_field_whose_new_value_needs_variables_the_checkpoint_lacks(
+    field, saved, resumed, adds
+):
+    change = _manifest_for(**{field: saved}).state_change(_manifest_for(**{field: resumed}))
+    assert change == (None if adds is None else (field, saved, resumed, adds))
+
+
+@pytest.mark.parametrize("optimizer, needs", [("sgd", True), ("lars", True), ("adamw", False)])
+def test_momentum_from_zero_needs_velocities_only_where_the_optimizer_keeps_them(optimizer, needs):
+    """AdamW keeps its moments whatever optimizer.momentum says (it does not read the field)."""
+    saved = _manifest_for(**{"optimizer.name": optimizer, "optimizer.momentum": 0.0})
+    resumed = dataclasses.replace(saved, config={"optimizer": {"name": optimizer, "momentum": 0.9}})
+    assert (saved.state_change(resumed) is not None) == needs
+
+
+def test_a_field_missing_from_an_older_manifest_is_not_judged():
+    older = _manifest_for()  # Written before precision was a field.
+    assert older.state_change(_manifest_for(precision="mixed_float16")) is None

@@ -1,7 +1,6 @@
 """EMA of the weights: the formula in the compiled loop, skipped updates left out, an exact swap
 for eval, config checks; end to end, eval and export on the averages and a bitwise resume."""
 
-import dataclasses
 import os
 
 import keras
@@ -12,7 +11,6 @@ import testutil
 
 from configs import default as default_config
 from trainer import (
-    checkpointing,
     data,
     ema,
     evaluate,
@@ -154,22 +152,6 @@ def test_check_config(fields, error):
     else:
         with pytest.raises(ConfigError, match=error):
             plan_lib.check_config(config)
-
-
-def test_a_checkpoint_without_averages_is_refused_to_a_run_that_keeps_them():
-    manifest = checkpointing.Manifest(
-        step=1,
-        examples_seen=8,
-        model="mlp",
-        model_variables=[[2]],
-        optimizer="sgd",
-        plan={},
-        config={"ema_decay": 0.0},
-        versions={},
-    )
-    with_ema = dataclasses.replace(manifest, weight_ema=True, config={"ema_decay": 0.9})
-    assert manifest.state_change(with_ema) == ("ema_decay", 0.0, 0.9, "an EMA of the weights")
-    assert with_ema.state_change(manifest) is None  # Turning it off drops the averages.
 
 
 # ---------------------------------------------------------------------------------------------

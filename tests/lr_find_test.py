@@ -117,6 +117,7 @@ def test_command_sweeps_the_applied_lr_and_leaves_the_run_alone(tmp_path, data_d
         "--min_lr=1e-4",
         "--max_lr=10",
         "--num_steps=40",
+        "--rule=minimum/10",
         data_dir=data_dir,
     )
     with caplog.at_level(logging.INFO, logger="absl"):
@@ -130,6 +131,10 @@ def test_command_sweeps_the_applied_lr_and_leaves_the_run_alone(tmp_path, data_d
     np.testing.assert_allclose(rates[1:] / rates[:-1], (1e5) ** (1 / 39), rtol=1e-4)
     # The loss gets worse long before LR 10: the suggestion sits well inside the sweep.
     assert 1e-4 < found["suggested_lr"] < 0.1
+    # --rule picks which of every rule's readings (all recorded) is the suggestion.
+    assert found["rule"] == "minimum/10" and set(found["suggestions"]) == set(lr_find.RULES)
+    assert found["suggested_lr"] == found["suggestions"]["minimum/10"]
+    assert found["suggestions"]["minimum/3"] == pytest.approx(found["suggested_lr"] * 10 / 3)
     assert found["smoothed"][-1] > min(found["smoothed"])
     assert (tmp_path / "lr_find" / "lr_find.png").read_bytes().startswith(testutil.PNG_MAGIC)
     assert os.listdir(checkpoints) == ["sentinel"]

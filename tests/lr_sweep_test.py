@@ -215,7 +215,10 @@ def test_a_grid_around_the_range_test_and_an_exploding_trial(tmp_path, data_dir,
     assert range_tests == [1]
     exploded = sweep.trials[1]
     assert (exploded.verdict, exploded.end_loss) == ("explodes", math.inf)
-    assert sweep.recommended is not sweep.trials[1]
+    assert sweep.reading(exploded) == "explodes"
+    saved = json.loads((tmp_path / "lr_sweep" / "lr_sweep.json").read_text())
+    assert (saved["trials"][1]["end_loss"], saved["trials"][1]["reading"]) == (None, "explodes")
+    assert saved["recommended_base_lr"] != exploded.base_lr
 
 
 def test_trials_must_reach_the_peak_and_be_judged(tmp_path, data_dir):
@@ -262,4 +265,9 @@ def test_every_shipped_config_gives_valid_trials(name):
     plan = plan_lib.make_plan(config, num_replicas=8, num_workers=1, train_examples=1_281_167)
     window = config.health.trend_window
     steps = lr_sweep.default_trial_steps(plan.warmup_steps, plan.total_steps, window)
-    lr_sweep._check_trial(lr_sweep.trial_config(config, plan, config.lr.base, steps), plan)
+    trial = lr_sweep.trial_config(config, plan, config.lr.base, steps)
+    lr_sweep._check_trial(trial, plan)
+    if config.lr.decay == "piecewise":  # Each boundary inside the trial's decay, in order.
+        boundaries = list(trial.lr.boundaries)
+        assert plan.warmup_steps < boundaries[0] and boundaries[-1] < steps
+        assert boundaries == sorted(set(boundaries)) and len(boundaries) == len(plan.boundaries)

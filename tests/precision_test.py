@@ -148,7 +148,11 @@ def test_mixed_float16_forced_overflow_then_sigterm_resumes_bitwise(
         straight, resumed = testutil.straight_and_resumed(
             config, tmp_path, monkeypatch, overflow_at, sigterm=True
         )
-    assert testutil.checkpoint_values(resumed, 15)  # The preemption's save, at the overflow.
+    # The preemption's save, complete, at the overflow: the halved scale and one skip in it.
+    assert (resumed / "checkpoints" / "ckpt-15.manifest.json").exists()
+    saved = testutil.checkpoint_values(resumed, 15)
+    assert [saved[n] for n in saved if n.startswith("loss_scale/scale/")] == [2.0**14]
+    assert [saved[n] for n in saved if n.startswith("loss_scale/skipped/")] == [1]
     assert_bitwise_equal(straight, resumed, 30, has_dropout=False)
     for workdir in (straight, resumed):
         per_update = metrics.read_records(str(workdir), metrics.STEPS_FILE)
