@@ -2,9 +2,7 @@
 
 import glob
 import json
-import os
 import signal
-import subprocess
 
 import numpy as np
 import pytest
@@ -265,17 +263,16 @@ def _health_events(workdir) -> list[dict]:
     return [r for r in metrics.read_records(str(workdir)) if r.get("kind") == "health"]
 
 
-def _run_spiked(workdir, *overrides, data_dir, update):
-    """`run_main` through tests/spike_injection.py: the loss of `update` spikes (once)."""
-    command = testutil.main_command(
-        workdir, *overrides, data_dir=data_dir, module="spike_injection"
+def _run_spiked(workdir, *overrides, data_dir, update, hold_at_step=None):
+    """Starts the trainer through tests/spike_injection.py: the loss of `update` spikes (once)."""
+    return testutil.start_main(
+        workdir,
+        *overrides,
+        f"--spike_at_update={update}",
+        data_dir=data_dir,
+        module="spike_injection",
+        hold_at_step=hold_at_step,
     )
-    command.append(f"--spike_at_update={update}")
-    env = {
-        **testutil.ENV,
-        "PYTHONPATH": os.pathsep.join([testutil.REPO, os.path.dirname(__file__)]),
-    }
-    return subprocess.Popen(command, cwd=testutil.REPO, env=env, stderr=subprocess.PIPE, text=True)
 
 
 def _finish(process, expect=0):
@@ -389,8 +386,9 @@ def test_skip_on_2_replicas_and_a_sigterm_after_it_resumes_bitwise(
     skipped_straight, tmp_path, data_dir
 ):
     _check_skipped(skipped_straight)
-    held = f"--hold_at_step={SPIKE_AT + 15}"  # It stops by then (tests/hold_for_signal.py).
-    process = _run_spiked(tmp_path, *SKIP, *TWO, held, data_dir=data_dir, update=SPIKE_AT)
+    process = _run_spiked(
+        tmp_path, *SKIP, *TWO, data_dir=data_dir, update=SPIKE_AT, hold_at_step=SPIKE_AT + 15
+    )
     testutil.wait_for_step(tmp_path, SPIKE_AT + 5, process)
     process.send_signal(signal.SIGTERM)
     _finish(process, expect=preemption.EXIT_CODE_PREEMPTED)

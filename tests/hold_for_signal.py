@@ -1,6 +1,7 @@
 """Test harness: `trainer.main` that cannot go past a chosen step before it has been signalled.
 
-  python -m hold_for_signal --hold_at_step=40 --config=... --workdir=... (run from tests/)
+  python -m hold_for_signal --hold_at_step=40 --config=... --workdir=...
+  (from the repository root, tests/ on PYTHONPATH)
 
 A test that signals a running trainer once it has logged step N races the end of the run: on a
 loaded 2-core machine the remaining steps can finish before the signal arrives, and the run

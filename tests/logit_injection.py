@@ -42,11 +42,15 @@ def install(
 
     Callables, read when the train loop is built: the harness's flags are parsed after this.
     `patch(module_or_class, name, value)` replaces the product's functions."""
-    armed = []  # The variable, made once the strategy exists (a TF op would fix the devices).
+    # The variable, made when the first train loop is built (after the strategy exists: a TF op
+    # now would fix the devices) and shared by every later one of the process, so a disarmed
+    # injection stays disarmed.
+    armed = []
     make_train_loop = loop.make_train_loop
 
     def injecting_train_loop(*, model, optimizer, **kwargs):
-        armed.append(tf.Variable(True, trainable=False))  # No strategy scope: one host copy.
+        if not armed:
+            armed.append(tf.Variable(True, trainable=False))  # No strategy scope: one host copy.
         wrapped = _ScaledLogits(model, optimizer, update(), factor(), armed[0])
         return make_train_loop(model=wrapped, optimizer=optimizer, **kwargs)
 

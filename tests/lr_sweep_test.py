@@ -219,6 +219,17 @@ def test_a_grid_around_the_range_test_and_an_exploding_trial(tmp_path, data_dir,
     saved = json.loads((tmp_path / "lr_sweep" / "lr_sweep.json").read_text())
     assert (saved["trials"][1]["end_loss"], saved["trials"][1]["reading"]) == (None, "explodes")
     assert saved["recommended_base_lr"] != exploded.base_lr
+    # The grid came from factors: a rerun with others is refused (without another range test).
+    with pytest.raises(ConfigError, match=r"--factors \(started with \[1.0, 1000000000000.0\]\)"):
+        lr_sweep.run(config, str(tmp_path), factors=(1.0, 2.0), trial_steps=10)
+    assert range_tests == [1]
+
+
+def test_a_multi_worker_config_is_refused_before_it_waits_for_other_workers(tmp_path, data_dir):
+    config = _tiny(data_dir, **{"distribution.strategy": "multi_worker"})
+    with pytest.raises(ConfigError, match="lr_sweep runs on one worker: sweep on one host"):
+        lr_sweep.run(config, str(tmp_path), base_lrs=[0.1], trial_steps=10)
+    assert not (tmp_path / "lr_sweep").exists()
 
 
 def test_trials_must_reach_the_peak_and_be_judged(tmp_path, data_dir):

@@ -1,6 +1,7 @@
 """Test harness: `trainer.main` with the loss of one chosen update made NaN, once per process.
 
-  python -m nan_injection --nan_at_update=33 --config=... --workdir=... (run from tests/)
+  python -m nan_injection --nan_at_update=33 --config=... --workdir=...
+  (from the repository root, tests/ on PYTHONPATH)
 
 Kept out of the product on purpose: the logits of update N are NaN while armed
 (logit_injection.py); a NaN recovery disarms it (the recovered run then passes update N

@@ -1,6 +1,7 @@
 """Test harness: `trainer.main` with the loss of one chosen update made to spike, once per process.
 
-  python -m spike_injection --spike_at_update=80 --config=... --workdir=... (run from tests/)
+  python -m spike_injection --spike_at_update=80 --config=... --workdir=...
+  (from the repository root, tests/ on PYTHONPATH)
 
 Like nan_injection.py, kept out of the product: the logits of update N are multiplied by
 `--spike_factor` while armed (logit_injection.py), a confidently wrong batch whose loss and

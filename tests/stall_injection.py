@@ -1,7 +1,7 @@
 """Test harness: `trainer.main` with one train-loop call stalled, once per process.
 
   python -m stall_injection --stall_at_call=3 --stall_seconds=4 --config=... --workdir=...
-  (run from tests/)
+  (from the repository root, tests/ on PYTHONPATH)
 
 Like nan_injection.py, kept out of the product: it wraps the compiled train loop the outer loop
 calls, so call N (counted from 1) sleeps before it runs, as a worker stuck in its host code would

@@ -162,24 +162,22 @@ def start_main(
     *overrides: str,
     data_dir: str,
     config: str = "configs/default.py",
+    module: str = "trainer.main",
     hold_at_step: int | None = None,
 ):
-    """Starts `python -m trainer.main` in the background (to signal or kill it).
+    """Starts `python -m trainer.main` in the background (to signal or kill it), or a test
+    harness of tests/ that wraps it (`module`; `overrides` may hold the harness's flags).
 
-    With `hold_at_step` it runs through tests/hold_for_signal.py: it stops at that step's loop
-    boundary at the latest, so a test that signals it cannot lose the race against its end."""
-    if hold_at_step is None:
-        command, env = main_command(workdir, *overrides, data_dir=data_dir, config=config), ENV
-    else:
-        command = main_command(
-            workdir, *overrides, data_dir=data_dir, config=config, module="hold_for_signal"
-        )
-        command.append(f"--hold_at_step={hold_at_step}")
-        env = INJECTION_ENV
+    With `hold_at_step` it runs through tests/hold_for_signal.py (spike_injection.py installs
+    it too): it stops at that step's loop boundary at the latest, so a test that signals it
+    cannot lose the race against its end."""
+    if hold_at_step is not None:
+        module = "hold_for_signal" if module == "trainer.main" else module
+        overrides = (*overrides, f"--hold_at_step={hold_at_step}")
     return subprocess.Popen(
-        command,
+        main_command(workdir, *overrides, data_dir=data_dir, config=config, module=module),
         cwd=REPO,
-        env=env,
+        env=ENV if module == "trainer.main" else INJECTION_ENV,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         text=True,

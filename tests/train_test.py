@@ -230,6 +230,7 @@ def test_bad_input_ends_the_command_with_one_actionable_line(tmp_path, data_dir)
 
 
 @pytest.mark.slow
+@pytest.mark.xla_cpu
 def test_jit_compile_that_xla_refuses_is_one_actionable_line(tmp_path, data_dir):
     """The default CNN under op determinism (the default on CPU): XLA has no deterministic
     MaxPool gradient. TF says so only when the loop first runs (after ckpt-0); the command ends

@@ -176,11 +176,14 @@ class Grid:
     base_lrs: list[float]
     trial_steps: int
     config: dict  # The run's config, flattened.
+    factors: list[float] | None = None  # What made base_lrs around the range test; None: --lrs.
 
 
 def _start_or_continue(directory: str, grid: Grid, explicit: bool) -> Grid:
     """The sweep's grid: written when it starts, so a rerun resumes the same trials. A rerun
-    that asks for other LRs (`explicit`), another trial length or another config is refused."""
+    that asks for other LRs (`explicit`), other factors (of a sweep started from factors),
+    another trial length or another config is refused. The range test is not repeated: its
+    suggestion, read when the sweep started, is in the saved grid."""
     path = os.path.join(directory, GRID_FILE)
     if not tf.io.gfile.exists(path):
         tf.io.gfile.makedirs(directory)
@@ -196,6 +199,8 @@ def _start_or_continue(directory: str, grid: Grid, explicit: bool) -> Grid:
     )
     if explicit and grid.base_lrs != saved.base_lrs:
         changed.insert(0, f"--lrs (started with {saved.base_lrs})")
+    if not explicit and saved.factors is not None and grid.factors != saved.factors:
+        changed.insert(0, f"--factors (started with {saved.factors})")
     if grid.trial_steps != saved.trial_steps:
         changed.insert(0, f"--trial_steps (started with {saved.trial_steps})")
     if changed:
@@ -289,13 +294,14 @@ def run(
     `default_trial_steps`.
     """
     directory = os.path.join(workdir, DIRECTORY)
-    setup = setup_lib.prepare(config)
-    plan, topology = setup.plan, setup.topology
-    if topology.num_workers > 1:
+    # Before `prepare`, which would wait for the other workers (the only strategy with several;
+    # a TPU slice has one client).
+    if config.distribution.strategy == "multi_worker":
         raise ConfigError(
             "lr_sweep runs on one worker: sweep on one host (mirrored or tpu), then carry the "
             "lr.base it recommends to the multi-worker run (python -m trainer.plan shows its LR)"
         )
+    plan = setup_lib.prepare(config).plan
     window = config.health.trend_window
     trial_steps = trial_steps or default_trial_steps(plan.warmup_steps, plan.total_steps, window)
     if trial_steps < plan.warmup_steps + window:
@@ -305,7 +311,8 @@ def run(
             "updates after the peak; 0 gives the default"
         )
     started = tf.io.gfile.exists(os.path.join(directory, GRID_FILE))
-    if not base_lrs and not started:
+    from_factors = not base_lrs
+    if from_factors and not started:
         centre = _centre(config, workdir, range_test or {})
         base_lrs = [centre * f for f in factors]
     if any(not (math.isfinite(lr) and lr > 0) for lr in base_lrs):
@@ -315,9 +322,8 @@ def run(
         raise ConfigError("the grid is empty: pass --lrs, or --factors around the range test")
     _check_trial(trial_config(config, plan, 1.0, trial_steps), plan)
     flat_config = checkpointing.flatten_config(json.loads(config.to_json()))
-    grid = _start_or_continue(
-        directory, Grid(requested, trial_steps, flat_config), explicit=bool(requested)
-    )
+    asked = Grid(requested, trial_steps, flat_config, list(factors) if from_factors else None)
+    grid = _start_or_continue(directory, asked, explicit=not from_factors)
     trials = []
     for lr in grid.base_lrs:
         trial = trial_config(config, plan, lr, grid.trial_steps)
