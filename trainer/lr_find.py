@@ -27,7 +27,9 @@ from trainer import setup as setup_lib
 from trainer import state as state_lib
 from trainer.errors import ConfigError
 
-MIN_LR = flags.DEFINE_float("min_lr", 1e-4, "First LR of the sweep.")
+MIN_LR = flags.DEFINE_float(
+    "min_lr", 1e-5, "First LR of the sweep (the range docs/lr_selection.md validated the rules on)."
+)
 MAX_LR = flags.DEFINE_float("max_lr", 10.0, "Last LR of the sweep.")
 NUM_STEPS = flags.DEFINE_integer("num_steps", 300, "Steps of the sweep.")
 
