@@ -1,7 +1,6 @@
 """Tests for trainer/data_service/: train input made by tf.data service workers, on loopback."""
 
 import contextlib
-import socket
 import subprocess
 import sys
 import time
@@ -17,23 +16,17 @@ from trainer.errors import ConfigError, UserError
 GLOBAL_BATCH = 32
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 @contextlib.contextmanager
 def _service(num_workers: int) -> Iterator[str]:
     """HOST:PORT of a dispatcher with `num_workers` workers, each a process started with the
     documented command, without op determinism as real ones. (In-process servers took up to
     minutes to stop after the tests' jobs.)"""
-    dispatcher_port = _free_port()
+    dispatcher_port, *worker_ports = testutil.free_ports(num_workers + 1)
     address = f"127.0.0.1:{dispatcher_port}"
     module = [sys.executable, "-m", "trainer.data_service"]
     commands = [[*module, f"--port={dispatcher_port}"]] + [
-        [*module, f"--port={_free_port()}", f"--dispatcher={address}", "--host=127.0.0.1"]
-        for _ in range(num_workers)
+        [*module, f"--port={port}", f"--dispatcher={address}", "--host=127.0.0.1"]
+        for port in worker_ports
     ]
     processes = [
         subprocess.Popen(c, cwd=testutil.REPO, env=testutil.ENV, stderr=subprocess.PIPE, text=True)
@@ -137,7 +130,8 @@ def test_no_dispatcher_at_the_address_is_one_line_at_start_up(tmp_path, data_dir
     """The tf.data client would retry for minutes inside the first train loop instead."""
     from trainer import setup
 
-    address = f"127.0.0.1:{_free_port()}"
+    (port,) = testutil.free_ports(1)
+    address = f"127.0.0.1:{port}"
     config = testutil.tiny_run_config(data_dir, **{"dataset.service_address": address})
     started = time.monotonic()
     with pytest.raises(

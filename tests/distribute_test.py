@@ -4,7 +4,6 @@ import functools
 import json
 import logging
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -442,7 +441,7 @@ def test_heartbeat_timeout_reaches_tf_coordination_service(tmp_path):
         "print(service.heartbeat_timeout_in_ms, service.service_leader)\n"
         "print(strategy.num_replicas_in_sync)\n"
     )
-    port = _free_port()
+    (port,) = testutil.free_ports(1)
     env = {
         **testutil.ENV,
         "TF_CONFIG": json.dumps(
@@ -459,12 +458,6 @@ def test_heartbeat_timeout_reaches_tf_coordination_service(tmp_path):
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.split() == ["2500", "/job:worker/replica:0/task:0", "1"]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_mirrored_over_gpus_is_said_to_reduce_with_nccl():
