@@ -126,7 +126,7 @@ def test_a_split_read_through_python_is_refused():
         data_service.check("localhost:5050", record_split)
 
 
-def test_no_dispatcher_at_the_address_is_one_line_at_start_up(tmp_path, data_dir):
+def test_no_dispatcher_at_the_address_is_one_line_at_start_up(data_dir):
     """The tf.data client would retry for minutes inside the first train loop instead."""
     from trainer import setup
 
