@@ -1,6 +1,8 @@
 """Tests for trainer/data_service/: train input made by tf.data service workers, on loopback."""
 
 import contextlib
+import re
+import socket
 import subprocess
 import sys
 import time
@@ -126,20 +128,44 @@ def test_a_split_read_through_python_is_refused():
         data_service.check("localhost:5050", record_split)
 
 
-def test_no_dispatcher_at_the_address_is_one_line_at_start_up(data_dir):
-    """The tf.data client would retry for minutes inside the first train loop instead."""
+def test_no_dispatcher_at_the_address_is_one_line_at_start_up(split, data_dir):
+    """The tf.data client would retry for minutes inside the first train loop instead. Only the
+    check is timed: the rest of start-up (strategy, splits) takes longer on a loaded machine."""
     from trainer import setup
 
     (port,) = testutil.free_ports(1)
     address = f"127.0.0.1:{port}"
-    config = testutil.tiny_run_config(data_dir, **{"dataset.service_address": address})
     started = time.monotonic()
     with pytest.raises(
         UserError, match=r"no tf.data dispatcher answers there \(.*\); start one"
     ) as e:
-        setup.prepare(config)
+        data_service.check(address, split)
     assert time.monotonic() - started < data_service.CONNECT_TIMEOUT_SECONDS
     assert "\n" not in str(e.value)
+    config = testutil.tiny_run_config(data_dir, **{"dataset.service_address": address})
+    with pytest.raises(UserError, match=f"^{re.escape(str(e.value))}$"):
+        setup.prepare(config)
+
+
+def test_a_dispatcher_that_does_not_answer_in_time_is_one_line(split, monkeypatch):
+    """A closed port refuses at once; a host that drops the connection attempt (a firewall, a
+    machine that is down) is given up after CONNECT_TIMEOUT_SECONDS."""
+    calls = []
+
+    def timing_out(*args, **kwargs):
+        calls.append((args, kwargs))
+        raise TimeoutError("timed out")  # What `create_connection` raises when its timeout ends.
+
+    monkeypatch.setattr(socket, "create_connection", timing_out)
+    address = "192.0.2.1:5050"  # TEST-NET-1: reserved, never a real host.
+    with pytest.raises(UserError) as e:
+        data_service.check(address, split)
+    assert calls == [((("192.0.2.1", 5050),), {"timeout": data_service.CONNECT_TIMEOUT_SECONDS})]
+    assert "\n" not in str(e.value)
+    assert str(e.value).startswith(
+        f"dataset.service_address ({address}): no tf.data dispatcher answers there (TimeoutError); "
+        "start one with `python -m trainer.data_service --port=PORT`"
+    )
 
 
 @pytest.mark.slow
