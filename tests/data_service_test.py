@@ -170,7 +170,8 @@ def test_a_dispatcher_that_does_not_answer_in_time_is_one_line(split, monkeypatc
 
 @pytest.mark.slow
 def test_two_worker_processes_make_each_batch_once_in_any_order(split):
-    """What more workers give up: the order; the batches themselves are still bitwise."""
+    """What more workers keep: each batch once, bitwise. Their order is not checked: it is the
+    order the workers finish them in, which may or may not be the stream's."""
     with _service(2) as address:
         served = [s[r] for s in _steps(split, 0, 60, address, augment=True) for r in range(2)]
     local = [s[r] for s in _steps(split, 0, 100, "", augment=True) for r in range(2)]
@@ -180,4 +181,3 @@ def test_two_worker_processes_make_each_batch_once_in_any_order(split):
         np.testing.assert_array_equal(images, local[i][0])
     assert len(set(order)) == len(order)  # ...none twice (a `Dataset.counter` source: each twice).
     assert min(order) == 0
-    assert order != sorted(order)  # Both workers took part: batches come as they are finished.
