@@ -1,6 +1,7 @@
 """Tests for trainer/data_service/: train input made by tf.data service workers, on loopback."""
 
 import contextlib
+import pathlib
 import re
 import socket
 import subprocess
@@ -16,13 +17,29 @@ from trainer import data, data_service, preprocessing, sources
 from trainer.errors import ConfigError, UserError
 
 GLOBAL_BATCH = 32
+SERVER_START_SECONDS = 120  # Ample for a server's start (TensorFlow's import) on a loaded machine.
+
+
+def _wait_for_line(log: pathlib.Path, text: str, process: subprocess.Popen) -> None:
+    """Returns once `text` is in `log`, `process`'s stderr; fails with the log's tail if the
+    process ends or SERVER_START_SECONDS pass first."""
+    deadline = time.monotonic() + SERVER_START_SECONDS
+    while True:
+        ended = process.poll() is not None  # Before the read: a line written before the end counts.
+        if text in log.read_text():
+            return
+        if ended or time.monotonic() > deadline:
+            state = "ended" if ended else f"still running after {SERVER_START_SECONDS} s"
+            pytest.fail(f"no {text!r} from {process.args} ({state}):\n{log.read_text()[-3000:]}")
+        time.sleep(0.1)
 
 
 @contextlib.contextmanager
-def _service(num_workers: int) -> Iterator[str]:
+def _service(num_workers: int, log_dir: pathlib.Path) -> Iterator[str]:
     """HOST:PORT of a dispatcher with `num_workers` workers, each a process started with the
     documented command, without op determinism as real ones. (In-process servers took up to
-    minutes to stop after the tests' jobs.)"""
+    minutes to stop after the tests' jobs.) Their stderr goes to files in `log_dir`: a pipe
+    nobody reads would stall a server once full."""
     dispatcher_port, *worker_ports = testutil.free_ports(num_workers + 1)
     address = f"127.0.0.1:{dispatcher_port}"
     module = [sys.executable, "-m", "trainer.data_service"]
@@ -30,13 +47,16 @@ def _service(num_workers: int) -> Iterator[str]:
         [*module, f"--port={port}", f"--dispatcher={address}", "--host=127.0.0.1"]
         for port in worker_ports
     ]
-    processes = [
-        subprocess.Popen(c, cwd=testutil.REPO, env=testutil.ENV, stderr=subprocess.PIPE, text=True)
-        for c in commands
-    ]
+    logs = [log_dir / f"server_{i}.log" for i in range(len(commands))]
+    processes = []
     try:
-        for process in processes[1:]:  # Registered with the dispatcher once it says so.
-            assert any("serving dispatcher" in line for line in process.stderr)
+        for command, log in zip(commands, logs, strict=True):
+            with log.open("w") as stderr:
+                processes.append(
+                    subprocess.Popen(command, cwd=testutil.REPO, env=testutil.ENV, stderr=stderr)
+                )
+        for process, log in zip(processes[1:], logs[1:], strict=True):
+            _wait_for_line(log, "serving dispatcher", process)  # Registered with the dispatcher.
         yield address
     finally:
         for process in processes:
@@ -45,9 +65,9 @@ def _service(num_workers: int) -> Iterator[str]:
 
 
 @pytest.fixture(scope="module")
-def service() -> Iterator[str]:
+def service(tmp_path_factory) -> Iterator[str]:
     """One worker."""
-    with _service(1) as address:
+    with _service(1, tmp_path_factory.mktemp("data_service")) as address:
         yield address
 
 
@@ -169,10 +189,10 @@ def test_a_dispatcher_that_does_not_answer_in_time_is_one_line(split, monkeypatc
 
 
 @pytest.mark.slow
-def test_two_worker_processes_make_each_batch_once_in_any_order(split):
+def test_two_worker_processes_make_each_batch_once_in_any_order(split, tmp_path):
     """What more workers keep: each batch once, bitwise. Their order is not checked: it is the
     order the workers finish them in, which may or may not be the stream's."""
-    with _service(2) as address:
+    with _service(2, tmp_path) as address:
         served = [s[r] for s in _steps(split, 0, 60, address, augment=True) for r in range(2)]
     local = [s[r] for s in _steps(split, 0, 100, "", augment=True) for r in range(2)]
     position = {labels.tobytes(): i for i, (_, labels) in enumerate(local)}
