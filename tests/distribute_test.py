@@ -485,11 +485,31 @@ def test_heartbeat_timeout_reaches_tf_coordination_service(tmp_path):
     assert result.stdout.split() == ["2500", "/job:worker/replica:0/task:0", "1"]
 
 
-def test_mirrored_over_gpus_is_said_to_reduce_with_nccl():
+def test_mirrored_over_gpus_is_said_to_reduce_with_nccl(monkeypatch):
     """MirroredStrategy picks NCCL when every device is a GPU (no GPU here: a stand-in with
-    GPU device names, which is all the description reads)."""
+    GPU device names, which is all the description reads). That is TF's choice only while
+    create_strategy passes no cross_device_ops: checked on a host whose TF lists two GPUs."""
     gpus = [f"/job:localhost/replica:0/task:0/device:GPU:{i}" for i in range(2)]
     strategy = types.SimpleNamespace(
         num_replicas_in_sync=2, extended=types.SimpleNamespace(worker_devices=gpus)
     )
     assert distribute.describe_all_reduce(strategy, "auto") == "NCCL"
+
+    list_physical_devices = tf.config.list_physical_devices
+    physical_gpus = [tf.config.PhysicalDevice(f"/physical_device:GPU:{i}", "GPU") for i in (0, 1)]
+    monkeypatch.setattr(
+        tf.config,
+        "list_physical_devices",
+        lambda kind=None: physical_gpus if kind == "GPU" else list_physical_devices(kind),
+    )
+    # TF's runtime has no such GPUs to configure.
+    monkeypatch.setattr(distribute, "configure_gpu_memory", lambda gpus, gpu_memory: None)
+    built = []
+    monkeypatch.setattr(
+        tf.distribute, "MirroredStrategy", lambda *args, **kwargs: built.append((args, kwargs))
+    )
+    gpu_box = hardware.Hardware(
+        nvidia_gpus=2, nvidia_smi=True, tpu_chips=0, tpu_accelerator_type="", cpu_flags=frozenset()
+    )
+    distribute.create_strategy(_distribution("mirrored"), gpu_box)
+    assert built == [((None,), {})]  # All GPUs; the reduction left to TF.
