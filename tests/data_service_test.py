@@ -1,6 +1,8 @@
 """Tests for trainer/data_service/: train input made by tf.data service workers, on loopback."""
 
 import contextlib
+import pathlib
+import re
 import socket
 import subprocess
 import sys
@@ -15,33 +17,46 @@ from trainer import data, data_service, preprocessing, sources
 from trainer.errors import ConfigError, UserError
 
 GLOBAL_BATCH = 32
+SERVER_START_SECONDS = 120  # Ample for a server's start (TensorFlow's import) on a loaded machine.
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
+def _wait_for_line(log: pathlib.Path, text: str, process: subprocess.Popen) -> None:
+    """Returns once `text` is in `log`, `process`'s stderr; fails with the log's tail if the
+    process ends or SERVER_START_SECONDS pass first."""
+    deadline = time.monotonic() + SERVER_START_SECONDS
+    while True:
+        ended = process.poll() is not None  # Before the read: a line written before the end counts.
+        if text in log.read_text():
+            return
+        if ended or time.monotonic() > deadline:
+            state = "ended" if ended else f"still running after {SERVER_START_SECONDS} s"
+            pytest.fail(f"no {text!r} from {process.args} ({state}):\n{log.read_text()[-3000:]}")
+        time.sleep(0.1)
 
 
 @contextlib.contextmanager
-def _service(num_workers: int) -> Iterator[str]:
+def _service(num_workers: int, log_dir: pathlib.Path) -> Iterator[str]:
     """HOST:PORT of a dispatcher with `num_workers` workers, each a process started with the
     documented command, without op determinism as real ones. (In-process servers took up to
-    minutes to stop after the tests' jobs.)"""
-    dispatcher_port = _free_port()
+    minutes to stop after the tests' jobs.) Their stderr goes to files in `log_dir`: a pipe
+    nobody reads would stall a server once full."""
+    dispatcher_port, *worker_ports = testutil.free_ports(num_workers + 1)
     address = f"127.0.0.1:{dispatcher_port}"
     module = [sys.executable, "-m", "trainer.data_service"]
     commands = [[*module, f"--port={dispatcher_port}"]] + [
-        [*module, f"--port={_free_port()}", f"--dispatcher={address}", "--host=127.0.0.1"]
-        for _ in range(num_workers)
+        [*module, f"--port={port}", f"--dispatcher={address}", "--host=127.0.0.1"]
+        for port in worker_ports
     ]
-    processes = [
-        subprocess.Popen(c, cwd=testutil.REPO, env=testutil.ENV, stderr=subprocess.PIPE, text=True)
-        for c in commands
-    ]
+    logs = [log_dir / f"server_{i}.log" for i in range(len(commands))]
+    processes = []
     try:
-        for process in processes[1:]:  # Registered with the dispatcher once it says so.
-            assert any("serving dispatcher" in line for line in process.stderr)
+        for command, log in zip(commands, logs, strict=True):
+            with log.open("w") as stderr:
+                processes.append(
+                    subprocess.Popen(command, cwd=testutil.REPO, env=testutil.ENV, stderr=stderr)
+                )
+        for process, log in zip(processes[1:], logs[1:], strict=True):
+            _wait_for_line(log, "serving dispatcher", process)  # Registered with the dispatcher.
         yield address
     finally:
         for process in processes:
@@ -50,9 +65,9 @@ def _service(num_workers: int) -> Iterator[str]:
 
 
 @pytest.fixture(scope="module")
-def service() -> Iterator[str]:
+def service(tmp_path_factory) -> Iterator[str]:
     """One worker."""
-    with _service(1) as address:
+    with _service(1, tmp_path_factory.mktemp("data_service")) as address:
         yield address
 
 
@@ -133,25 +148,51 @@ def test_a_split_read_through_python_is_refused():
         data_service.check("localhost:5050", record_split)
 
 
-def test_no_dispatcher_at_the_address_is_one_line_at_start_up(tmp_path, data_dir):
-    """The tf.data client would retry for minutes inside the first train loop instead."""
+def test_no_dispatcher_at_the_address_is_one_line_at_start_up(split, data_dir):
+    """The tf.data client would retry for minutes inside the first train loop instead. Only the
+    check is timed: the rest of start-up (strategy, splits) takes longer on a loaded machine."""
     from trainer import setup
 
-    address = f"127.0.0.1:{_free_port()}"
-    config = testutil.tiny_run_config(data_dir, **{"dataset.service_address": address})
+    (port,) = testutil.free_ports(1)
+    address = f"127.0.0.1:{port}"
     started = time.monotonic()
     with pytest.raises(
         UserError, match=r"no tf.data dispatcher answers there \(.*\); start one"
     ) as e:
-        setup.prepare(config)
+        data_service.check(address, split)
     assert time.monotonic() - started < data_service.CONNECT_TIMEOUT_SECONDS
     assert "\n" not in str(e.value)
+    config = testutil.tiny_run_config(data_dir, **{"dataset.service_address": address})
+    with pytest.raises(UserError, match=f"^{re.escape(str(e.value))}$"):
+        setup.prepare(config)
+
+
+def test_a_dispatcher_that_does_not_answer_in_time_is_one_line(split, monkeypatch):
+    """A closed port refuses at once; a host that drops the connection attempt (a firewall, a
+    machine that is down) is given up after CONNECT_TIMEOUT_SECONDS."""
+    calls = []
+
+    def timing_out(*args, **kwargs):
+        calls.append((args, kwargs))
+        raise TimeoutError("timed out")  # What `create_connection` raises when its timeout ends.
+
+    monkeypatch.setattr(socket, "create_connection", timing_out)
+    address = "192.0.2.1:5050"  # TEST-NET-1: reserved, never a real host.
+    with pytest.raises(UserError) as e:
+        data_service.check(address, split)
+    assert calls == [((("192.0.2.1", 5050),), {"timeout": data_service.CONNECT_TIMEOUT_SECONDS})]
+    assert "\n" not in str(e.value)
+    assert str(e.value).startswith(
+        f"dataset.service_address ({address}): no tf.data dispatcher answers there (TimeoutError); "
+        "start one with `python -m trainer.data_service --port=PORT`"
+    )
 
 
 @pytest.mark.slow
-def test_two_worker_processes_make_each_batch_once_in_any_order(split):
-    """What more workers give up: the order; the batches themselves are still bitwise."""
-    with _service(2) as address:
+def test_two_worker_processes_make_each_batch_once_in_any_order(split, tmp_path):
+    """What more workers keep: each batch once, bitwise. Their order is not checked: it is the
+    order the workers finish them in, which may or may not be the stream's."""
+    with _service(2, tmp_path) as address:
         served = [s[r] for s in _steps(split, 0, 60, address, augment=True) for r in range(2)]
     local = [s[r] for s in _steps(split, 0, 100, "", augment=True) for r in range(2)]
     position = {labels.tobytes(): i for i, (_, labels) in enumerate(local)}
@@ -160,4 +201,3 @@ def test_two_worker_processes_make_each_batch_once_in_any_order(split):
         np.testing.assert_array_equal(images, local[i][0])
     assert len(set(order)) == len(order)  # ...none twice (a `Dataset.counter` source: each twice).
     assert min(order) == 0
-    assert order != sorted(order)  # Both workers took part: batches come as they are finished.

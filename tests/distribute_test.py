@@ -4,7 +4,6 @@ import functools
 import json
 import logging
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -88,10 +87,13 @@ def test_create_strategy_and_topology(name, cpu_replicas, strategy_type, replica
     ],
 )
 def test_summary_says_how_gradients_are_reduced_and_input_is_prefetched_to_each_device(
-    caplog, data_dir, name, cpu_replicas, shown, devices
+    caplog, monkeypatch, data_dir, name, cpu_replicas, shown, devices
 ):
     """Each replica's batch is already on its device when the step takes it (on the logical
-    CPUs: replica 1's on CPU:1, not on the host's CPU:0), train and eval input alike."""
+    CPUs: replica 1's on CPU:1, not on the host's CPU:0), train and eval input alike.
+
+    The options are recorded where Setup passes them: where the batches land cannot tell
+    input_options() from TF's default InputOptions (fetch to device, 1 batch), which it equals."""
     caplog.set_level(logging.INFO)
     config = testutil.config_with(
         **{
@@ -103,14 +105,36 @@ def test_summary_says_how_gradients_are_reduced_and_input_is_prefetched_to_each_
     setup = setup_lib.prepare(config)
     summary = [line for line in caplog.text.splitlines() if "devices: " in line]
     assert len(summary) == 1 and f"| all-reduce: {shown} |" in summary[0]
+    if not devices:  # The default strategy has no per-replica placement to check.
+        return
+    made, passed = [], []
+    input_options = distribute.input_options
+    distribute_datasets = setup.strategy.distribute_datasets_from_function
+
+    def recorded_input_options():
+        made.append(input_options())
+        return made[-1]
+
+    def recorded_distribute_datasets(dataset_fn, options=None):
+        passed.append(options)
+        return distribute_datasets(dataset_fn, options)
+
+    monkeypatch.setattr(distribute, "input_options", recorded_input_options)
+    monkeypatch.setattr(
+        setup.strategy, "distribute_datasets_from_function", recorded_distribute_datasets
+    )
     eval_dataset, _ = setup.eval_input()
     for images, *_ in (next(setup.train_iterator(0)), next(iter(eval_dataset))):
         placed = [
             tf.DeviceSpec.from_string(t.device)
             for t in setup.strategy.experimental_local_results(images)
         ]
-        if devices:  # The default strategy has no per-replica placement to check.
-            assert [f"{d.device_type}:{d.device_index}" for d in placed] == devices
+        assert [f"{d.device_type}:{d.device_index}" for d in placed] == devices
+    assert len(passed) == len(made) == 2  # Train and eval input, each with input_options()'s.
+    assert all(p is m for p, m in zip(passed, made, strict=True))
+    for options in passed:
+        assert options.experimental_fetch_to_device is True
+        assert options.experimental_per_replica_buffer_size == distribute.DEVICE_PREFETCH_BATCHES
 
 
 def test_mirrored_strategy_runs_one_replica_per_logical_cpu():
@@ -442,7 +466,7 @@ def test_heartbeat_timeout_reaches_tf_coordination_service(tmp_path):
         "print(service.heartbeat_timeout_in_ms, service.service_leader)\n"
         "print(strategy.num_replicas_in_sync)\n"
     )
-    port = _free_port()
+    (port,) = testutil.free_ports(1)
     env = {
         **testutil.ENV,
         "TF_CONFIG": json.dumps(
@@ -461,17 +485,31 @@ def test_heartbeat_timeout_reaches_tf_coordination_service(tmp_path):
     assert result.stdout.split() == ["2500", "/job:worker/replica:0/task:0", "1"]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def test_mirrored_over_gpus_is_said_to_reduce_with_nccl():
+def test_mirrored_over_gpus_is_said_to_reduce_with_nccl(monkeypatch):
     """MirroredStrategy picks NCCL when every device is a GPU (no GPU here: a stand-in with
-    GPU device names, which is all the description reads)."""
+    GPU device names, which is all the description reads). That is TF's choice only while
+    create_strategy passes no cross_device_ops: checked on a host whose TF lists two GPUs."""
     gpus = [f"/job:localhost/replica:0/task:0/device:GPU:{i}" for i in range(2)]
     strategy = types.SimpleNamespace(
         num_replicas_in_sync=2, extended=types.SimpleNamespace(worker_devices=gpus)
     )
     assert distribute.describe_all_reduce(strategy, "auto") == "NCCL"
+
+    list_physical_devices = tf.config.list_physical_devices
+    physical_gpus = [tf.config.PhysicalDevice(f"/physical_device:GPU:{i}", "GPU") for i in (0, 1)]
+    monkeypatch.setattr(
+        tf.config,
+        "list_physical_devices",
+        lambda kind=None: physical_gpus if kind == "GPU" else list_physical_devices(kind),
+    )
+    # TF's runtime has no such GPUs to configure.
+    monkeypatch.setattr(distribute, "configure_gpu_memory", lambda gpus, gpu_memory: None)
+    built = []
+    monkeypatch.setattr(
+        tf.distribute, "MirroredStrategy", lambda *args, **kwargs: built.append((args, kwargs))
+    )
+    gpu_box = hardware.Hardware(
+        nvidia_gpus=2, nvidia_smi=True, tpu_chips=0, tpu_accelerator_type="", cpu_flags=frozenset()
+    )
+    distribute.create_strategy(_distribution("mirrored"), gpu_box)
+    assert built == [((None,), {})]  # All GPUs; the reduction left to TF.

@@ -124,20 +124,10 @@ def test_two_workers_train_as_one_job(straight, mirrored):
     assert_matches_mirrored(workdir, mirrored)
 
 
-def free_ports(count: int) -> list[int]:
-    sockets = [socket.socket() for _ in range(count)]
-    for s in sockets:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in sockets]
-    for s in sockets:
-        s.close()
-    return ports
-
-
 def test_multi_worker_sh_on_two_hosts_is_the_same_job(straight, mirrored, tmp_path, data_dir):
     """launch/multi_worker.sh as it runs on two hosts (here both on loopback): the same training
     as multi_worker_local.sh (bitwise: same topology) and as Mirrored(2) in one process."""
-    hosts = ",".join(f"127.0.0.1:{port}" for port in free_ports(2))
+    hosts = ",".join(f"127.0.0.1:{port}" for port in testutil.free_ports(2))
     flags = testutil.main_flags(tmp_path, *RUN, data_dir=data_dir)
     workers = [
         subprocess.Popen(
@@ -255,7 +245,7 @@ def test_a_killed_worker_ends_the_other_with_43_naming_it_and_a_relaunch_resumes
     checkpoint 15 written; it is SIGKILLed there while the chief waits in the loop's collectives.
     The chief exits 43 within the bound with one line naming worker 1; both relaunched resume
     from step 15 and end bitwise equal to the uninterrupted run."""
-    hosts = [f"127.0.0.1:{port}" for port in free_ports(2)]
+    hosts = [f"127.0.0.1:{port}" for port in testutil.free_ports(2)]
     chief = start_worker(0, hosts, tmp_path, data_dir, "trainer.main")
     stalled = start_worker(
         1, hosts, tmp_path, data_dir, "stall_injection", "--stall_at_call=4", "--stall_seconds=300"
@@ -328,7 +318,7 @@ def test_override_file_is_applied_by_every_worker_at_the_same_step(straight, tmp
 def test_a_worker_stuck_past_the_collective_timeout_ends_the_other_with_43(tmp_path, data_dir):
     """Worker 1 stalls 60 s in its host code (alive: heartbeats flow, so only the collective
     timeout can end the wait); the chief gives up after 10 s in its collective."""
-    hosts = [f"127.0.0.1:{port}" for port in free_ports(2)]
+    hosts = [f"127.0.0.1:{port}" for port in testutil.free_ports(2)]
     timeout = "--config.distribution.collective_timeout_seconds=10"
     chief = start_worker(0, hosts, tmp_path, data_dir, "trainer.main", timeout)
     stalled = start_worker(

@@ -2,6 +2,7 @@
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -70,6 +71,22 @@ def mirrored(num_replicas: int) -> tf.distribute.Strategy:
         [f"/cpu:{i}" for i in range(num_replicas)],
         cross_device_ops=tf.distribute.ReductionToOneDevice(),
     )
+
+
+def free_ports(count: int) -> list[int]:
+    """`count` distinct loopback ports that were free a moment ago, for servers a test starts.
+
+    All are bound before any is released, so the OS cannot hand out one port twice; once
+    released, another process could take one first (rare; the test then fails to bind).
+    """
+    sockets = [socket.socket() for _ in range(count)]
+    try:
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
 
 
 def dataset_config(name: str, data_dir: str) -> ml_collections.ConfigDict:
