@@ -35,13 +35,13 @@ def _loop_without_signals(strategy, model, optimizer, global_batch_size):
     """trainer/loop.py's train loop before the health signals (its code at commit 52b0bc3)."""
     import tensorflow as tf
 
-    from trainer import loop
+    from trainer import loop, task
 
     def train_step(images, labels):
         with tf.GradientTape() as tape:
             logits = model(images, training=True)
             loss = tf.nn.compute_average_loss(
-                loop._per_example_loss(labels, logits), global_batch_size=global_batch_size
+                task.per_example_loss(labels, logits), global_batch_size=global_batch_size
             )
         grads = tape.gradient(loss, model.trainable_variables)
         learning_rate = tf.cast(optimizer.learning_rate, tf.float32)

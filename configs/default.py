@@ -43,20 +43,24 @@ def get_config() -> ml_collections.ConfigDict:
     config.checkpoint_every_steps = 200  # Also at the end and on preemption.
     config.max_checkpoints_to_keep = 3
     # A TensorBoard profile of the updates after step start up to step end, e.g. (20, 25), on the
-    # chief, in tensorboard/plugins/profile (trainer/profiling.py); () = off.
+    # chief, in tensorboard/plugins/profile (trainer/extras/profiling.py); () = off.
     config.profile_steps = ()
     config.export_at_end = True  # SavedModel + .keras of the last checkpoint in export/final.
-    # eval_loss | eval_accuracy (ema_eval_loss | ema_eval_accuracy with ema_decay > 0): its best
-    # kept in export/best; "" = off.
+    # An eval metric: eval_loss, or eval_ + a metric of trainer/task.py (eval_accuracy); with
+    # ema_decay > 0 an ema_eval_ one. Its best is kept in export/best (extras/best.py); "" = off.
     config.best_metric = ""
     config.best_mode = "max"  # max | min: which direction of best_metric is better.
     # Fine-tuning: model weights for a fresh run from a workdir, .../ckpt-N, .keras or .weights.h5.
     config.init_checkpoint = ""
     config.init_checkpoint_include = ()  # Layer-name patterns to load (fnmatch); () = all.
     config.init_checkpoint_exclude = ()  # Layer-name patterns left fresh, e.g. ("dense_1",).
-    # Exponential moving average of the trainable weights, e.g. 0.999 (trainer/ema.py); eval runs
-    # on both (ema_eval_* metrics too) and exports hold the average. 0 = off.
+    # Exponential moving average of the trainable weights, e.g. 0.999 (trainer/extras/ema.py);
+    # eval runs on both (ema_eval_* metrics too) and exports hold the average. 0 = off.
     config.ema_decay = 0.0
+    # Your own actions, run by the outer loop after the built-in ones (trainer/actions.py):
+    # "package.module:factory" entries, each factory called with the run, e.g.
+    # ("my_project.logging:JsonLogger",); () = none.
+    config.actions = ()
 
     # auto | float32 | mixed_bfloat16 | mixed_float16. auto: mixed_bfloat16 where the hardware
     # multiplies bfloat16 natively (TPU, NVIDIA compute capability >= 8.0, CPUs with AMX-BF16),

@@ -8,10 +8,11 @@ import pytest
 import tensorflow as tf
 import testutil
 
-from trainer import best, checkpointing, export
+from trainer import checkpointing, config_check, export, features
 from trainer import setup as setup_lib
 from trainer import state as state_lib
 from trainer.errors import ConfigError
+from trainer.extras import best
 
 
 @pytest.fixture(scope="module")
@@ -79,14 +80,14 @@ def _first_weight(prefix: str) -> float:
 def test_check_config(metric, mode, error):
     config = testutil.config_with(best_metric=metric, best_mode=mode)
     if error is None:
-        best.check_config(config)
+        config_check.check_config(config)
     else:
         with pytest.raises(ConfigError, match=error):
-            best.check_config(config)
+            config_check.check_config(config)
 
 
 def test_off_by_default():
-    assert best.BestKeeper.from_config("/unused", testutil.config_with()) is None
+    assert not features.asked("best", testutil.config_with())
 
 
 def test_keeps_the_best_eval_with_its_checkpoint_and_export(tmp_path, trainer_state):

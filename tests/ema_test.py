@@ -11,18 +11,19 @@ import testutil
 
 from configs import default as default_config
 from trainer import (
+    config_check,
     data,
-    ema,
     evaluate,
     export,
     learning_rate,
     loop,
     metrics,
     sources,
+    task,
     train,
 )
-from trainer import plan as plan_lib
 from trainer.errors import ConfigError
+from trainer.extras import ema
 
 FEATURES, CLASSES, BATCH = 5, 3, 8
 
@@ -148,10 +149,10 @@ def test_applied_swaps_in_the_averages_and_back_exactly():
 def test_check_config(fields, error):
     config = testutil.config_with(**fields)
     if error is None:
-        plan_lib.check_config(config)
+        config_check.check_config(config)
     else:
         with pytest.raises(ConfigError, match=error):
-            plan_lib.check_config(config)
+            config_check.check_config(config)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -179,7 +180,7 @@ def test_eval_and_export_use_the_averages(tmp_path, data_dir):
     evals = [r for r in metrics.read_records(str(tmp_path)) if "eval_loss" in r]
     assert [r["step"] for r in evals] == [10, 20]
     for record in evals:
-        assert set(loop.eval_metric_names(with_ema=True)) <= record.keys()
+        assert set(task.eval_metric_names(task.metric_names(10), with_ema=True)) <= record.keys()
         assert record["ema_eval_loss"] != record["eval_loss"]  # Two passes, two weight sets.
 
     directory = tmp_path / "export" / "final"

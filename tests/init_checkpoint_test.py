@@ -7,10 +7,11 @@ import numpy as np
 import pytest
 import testutil
 
-from trainer import checkpointing, init_checkpoint, models
+from trainer import checkpointing, models
 from trainer import setup as setup_lib
 from trainer import state as state_lib
 from trainer.errors import ConfigError
+from trainer.extras import init_checkpoint
 
 SMALL_CNN = ["conv2d", "conv2d_1", "conv2d_2", "dense", "dense_1"]  # dense_1: the classifier.
 

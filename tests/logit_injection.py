@@ -11,8 +11,13 @@ from collections.abc import Callable
 
 import tensorflow as tf
 
-from trainer import loop
-from trainer import run as run_lib
+from trainer import loop, recovery
+
+# The recovery methods that disarm an injection, by the name `install` takes.
+DISARMED_BY = {
+    "nan_recovery": (recovery.NonFiniteRecovery, "recover"),
+    "rollback": (recovery.Rollback, "roll_back"),
+}
 
 
 class _ScaledLogits:
@@ -37,8 +42,9 @@ def install(
     disarmed_by: str | None,
     patch: Callable[[object, str, object], None] = setattr,
 ) -> None:
-    """Scales the logits of update `update()` by `factor()` until `Run.<disarmed_by>` runs
-    (never disarmed with None: an update number is reached once per run anyway).
+    """Scales the logits of update `update()` by `factor()` until the recovery named
+    `disarmed_by` (a key of DISARMED_BY) decides (never disarmed with None: an update number is
+    reached once per run anyway).
 
     Callables, read when the train loop is built: the harness's flags are parsed after this.
     `patch(module_or_class, name, value)` replaces the product's functions."""
@@ -57,10 +63,11 @@ def install(
     patch(loop, "make_train_loop", injecting_train_loop)
     if disarmed_by is None:
         return
-    recovery = getattr(run_lib.Run, disarmed_by)
+    owner, method = DISARMED_BY[disarmed_by]
+    recover = getattr(owner, method)
 
     def disarming_recovery(self, *args):
         armed[0].assign(False)
-        return recovery(self, *args)
+        return recover(self, *args)
 
-    patch(run_lib.Run, disarmed_by, disarming_recovery)
+    patch(owner, method, disarming_recovery)

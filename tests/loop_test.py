@@ -8,8 +8,9 @@ import tensorflow as tf
 import testutil
 
 from configs import default as default_config
-from trainer import data, learning_rate, loop, lr_control, lr_override, precision, sources
+from trainer import data, learning_rate, loop, lr_override, precision, sources
 from trainer.errors import UserError
+from trainer.extras import lr_control
 
 NUM_CLASSES = 3
 GLOBAL_BATCH = 8

@@ -1,4 +1,4 @@
-"""Tests for trainer/lr_control.py: milestones, plateau, manual override, offset, checkpoints."""
+"""Tests for trainer/extras/lr_control.py: milestones, plateau, manual override, checkpoints."""
 
 import math
 import types
@@ -10,7 +10,8 @@ import tensorflow as tf
 import testutil
 
 from configs import default as default_config
-from trainer import learning_rate, lr_control, lr_override
+from trainer import learning_rate, lr_override
+from trainer.extras import lr_control
 
 # Base curves with simple closed forms; the schedule is called with `step` = updates applied,
 # the update being applied is u = step + 1.

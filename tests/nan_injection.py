@@ -16,7 +16,5 @@ from trainer import cli, main
 _NAN_AT_UPDATE = flags.DEFINE_integer("nan_at_update", 1, "The update whose loss becomes NaN.")
 
 if __name__ == "__main__":
-    logit_injection.install(
-        lambda: _NAN_AT_UPDATE.value, lambda: float("nan"), "recover_from_non_finite"
-    )
+    logit_injection.install(lambda: _NAN_AT_UPDATE.value, lambda: float("nan"), "nan_recovery")
     cli.run(main.main, "config", "workdir")

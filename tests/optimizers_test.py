@@ -8,8 +8,7 @@ import tensorflow as tf
 import testutil
 
 from configs import default as default_config
-from trainer import learning_rate, loop, models, optimizers
-from trainer import plan as plan_lib
+from trainer import config_check, learning_rate, loop, models, optimizers
 from trainer.errors import ConfigError
 from trainer.learning_rate import WarmupDecaySchedule
 
@@ -191,7 +190,7 @@ def test_check_config_names_the_field_and_plan_runs_it(fields, fragments):
     config = testutil.config_with(**{f"optimizer.{k}": v for k, v in fields.items()})
     for check in (
         lambda: optimizers.check_config(config.optimizer),
-        lambda: plan_lib.check_config(config),
+        lambda: config_check.check_config(config),
     ):
         with pytest.raises(ConfigError) as error:
             check()

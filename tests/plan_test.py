@@ -9,7 +9,7 @@ import pytest
 import testutil
 from testutil import PNG_MAGIC
 
-from trainer import learning_rate
+from trainer import config_check, learning_rate
 from trainer import plan as plan_lib
 from trainer.datasets import shapes
 from trainer.errors import ConfigError
@@ -19,6 +19,8 @@ _config = testutil.config_with
 
 
 def _plan(config, replicas=1, train_examples=12800):
+    """As setup.prepare plans: the config checked, then resolved for the topology."""
+    config_check.check_config(config)
     return plan_lib.make_plan(
         config, num_replicas=replicas, num_workers=1, train_examples=train_examples
     )

@@ -8,9 +8,10 @@ import pytest
 import testutil
 from tensorflow.tsl.profiler.protobuf import xplane_pb2
 
-from trainer import metrics, train
+from trainer import actions, config_check, metrics, train
 from trainer import plan as plan_lib
 from trainer.errors import ConfigError
+from trainer.extras import profiling
 
 
 @pytest.mark.parametrize(
@@ -30,21 +31,23 @@ from trainer.errors import ConfigError
 def test_check_config(steps, error):
     config = testutil.config_with(profile_steps=steps)  # total_steps: 600.
 
-    def make_plan():
-        return plan_lib.make_plan(config, num_replicas=1, num_workers=1, train_examples=1000)
+    def check():  # As setup.prepare does: the config, then the plan it makes.
+        config_check.check_config(config)
+        plan = plan_lib.make_plan(config, num_replicas=1, num_workers=1, train_examples=1000)
+        config_check.check_plan(config, plan)
 
     if error is None:
-        make_plan()
+        check()
     else:
         with pytest.raises(ConfigError, match=error):
-            make_plan()
+            check()
 
 
 def test_the_inner_loop_stops_where_the_profile_starts_and_ends():
-    config = testutil.config_with(profile_steps=(20, 25))  # steps_per_loop and log_every: 50.
+    profiler = profiling.StepProfiler("/unused", (20, 25), enabled=True)
     stops, step = [], 0
-    while step < 100:
-        step = train._next_stop(step, config, 100, None)
+    while step < 100:  # As the outer loop does with steps_per_loop and log_every_steps 50.
+        step = min(actions.Actions([profiler]).next_stop(step) + [(step // 50 + 1) * 50])
         stops.append(step)
     assert stops == [20, 25, 50, 100]
 

@@ -14,7 +14,8 @@ import tensorflow as tf
 import testutil
 from absl import logging as absl_logging
 
-from trainer import checkpointing, export, init_checkpoint, metrics, train
+from trainer import checkpointing, export, metrics, train
+from trainer.extras import init_checkpoint
 
 pytestmark = pytest.mark.slow
 

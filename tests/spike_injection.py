@@ -20,7 +20,5 @@ _SPIKE_FACTOR = flags.DEFINE_float("spike_factor", 50.0, "Logits x this in that 
 
 if __name__ == "__main__":
     hold_for_signal.install()  # Its --hold_at_step, for a test that signals the spiked run.
-    logit_injection.install(
-        lambda: _SPIKE_AT_UPDATE.value, lambda: _SPIKE_FACTOR.value, "roll_back"
-    )
+    logit_injection.install(lambda: _SPIKE_AT_UPDATE.value, lambda: _SPIKE_FACTOR.value, "rollback")
     cli.run(main.main, "config", "workdir")

@@ -78,7 +78,7 @@ class Manifest:
     # None in manifests written before these were recorded (then read from the dataset's info).
     input_shape: list[int] | None = None
     num_classes: int | None = None
-    # Whether it holds an EMA of the weights (ema_decay > 0; trainer/ema.py) under "ema".
+    # Whether it holds an EMA of the weights (ema_decay > 0; trainer/extras/ema.py) under "ema".
     weight_ema: bool = False
 
     def incompatibility(self, other: "Manifest") -> str | None:

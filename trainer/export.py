@@ -36,7 +36,7 @@ import tensorflow as tf  # noqa: E402
 import tensorflow_datasets as tfds  # noqa: E402
 from absl import flags, logging  # noqa: E402
 
-from trainer import checkpointing, ema, models, preprocessing  # noqa: E402
+from trainer import checkpointing, features, models, preprocessing  # noqa: E402
 from trainer.errors import UserError  # noqa: E402
 
 SAVED_MODEL_SIGNATURES = ("serving_default", "serve_image")
@@ -94,7 +94,7 @@ def load_model(prefix: str, manifest: checkpointing.Manifest) -> keras.Model:
     """Rebuilds the checkpoint's model (no strategy) and reads the weights the run gives back.
 
     Those are the EMA of the trainable weights when the run kept one (ema_decay > 0; BatchNorm
-    statistics are the model's own, see trainer/ema.py), else the weights themselves. Nothing
+    statistics are the model's own, see trainer/extras/ema.py), else the weights themselves. Nothing
     else is read.
 
     Raises:
@@ -105,7 +105,10 @@ def load_model(prefix: str, manifest: checkpointing.Manifest) -> keras.Model:
     with _global_rng_kept():
         model = models.build_model(config.model, input_shape, num_classes, seed=config.seed)
     # Any decay will do: the averages are read, never updated, here.
-    average = ema.WeightEMA(model, decay=0.0) if manifest.weight_ema else None
+    average = None
+    if manifest.weight_ema:
+        ema = features.require("ema", f"{prefix} holds an EMA of the weights, which")
+        average = ema.WeightEMA(model, decay=0.0)
     parts = {"model": model, **({} if average is None else {"ema": average.checkpointed})}
     status = tf.train.Checkpoint(**parts).read(prefix).expect_partial()
     try:

@@ -22,6 +22,7 @@ import keras
 import ml_collections
 import numpy as np
 import tensorflow as tf
+from absl import logging
 
 from trainer.errors import ConfigError
 
@@ -342,6 +343,49 @@ class ControlledSchedule(keras.optimizers.schedules.LearningRateSchedule):
     def plan_position(self, step: int) -> int:
         """Where on the base curve the update after `step` applied updates reads (host side)."""
         return max(step + int(self.state.step_offset.numpy()), int(self.state.floor.numpy()))
+
+    # Mid-run changes, between inner loops (host side; a few scalar reads). Each returns the
+    # one-line LR event for the logs: "lr: OLD -> NEW at step S (REASON)".
+
+    def lr_at(self, step: int) -> float:
+        """The LR the update after `step` applied updates will use."""
+        return float(self(step).numpy())
+
+    def scale(self, factor: float, step: int, reason: str) -> str:
+        """Multiplies the current LR (and the rest of the schedule) by `factor`."""
+        return self._set_multiplier(self.state.multiplier.numpy() * factor, step, reason)
+
+    def set(self, value: float, step: int, reason: str) -> str:
+        """Makes the next update use LR `value`; the rest of the schedule is scaled to match.
+
+        During warmup the rest of the ramp is skipped (the LR holds `value` until the decay
+        starts, then decays from it), so the LR never exceeds `value`: the user who says "set
+        the LR to X" gets X now and nothing higher later.
+
+        Raises:
+          ConfigError: the schedule is 0 there, so there is nothing to scale from.
+        """
+        position = self.plan_position(step)
+        warmup_end = self.base.warmup_steps - 1  # The schedule step of the first peak update.
+        floor = warmup_end if position < warmup_end else None
+        base_value = float(self.base(max(position, warmup_end)).numpy())
+        if base_value <= 0:
+            raise ConfigError(
+                f"cannot set the LR to {value} at step {step}: the schedule is 0 there; "
+                "use a multiplying action instead"
+            )
+        return self._set_multiplier(value / base_value, step, reason, floor)
+
+    def _set_multiplier(
+        self, value: float, step: int, reason: str, floor: int | None = None
+    ) -> str:
+        old_lr = self.lr_at(step)
+        self.state.multiplier.assign(value)
+        if floor is not None:
+            self.state.floor.assign(floor)
+        message = f"lr: {old_lr:.6g} -> {self.lr_at(step):.6g} at step {step} ({reason})"
+        logging.info(message)
+        return message
 
     def get_config(self) -> dict:
         # The variables live in the checkpoint; the config describes the base curve.

@@ -8,25 +8,19 @@ TensorArray sized by `num_steps` and read once, at the loop boundary.
 
 import re
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import keras
 import tensorflow as tf
 
-from trainer.ema import WeightEMA
+from trainer import task
 from trainer.errors import ConfigError, UserError
 from trainer.precision import LossScale
 
+if TYPE_CHECKING:  # An opt-in feature: the loop only calls the object it is given.
+    from trainer.extras.ema import WeightEMA
+
 SUM = tf.distribute.ReduceOp.SUM
-# What `eval_loop` returns, in order; `lr.plateau_metric` must be one (checked at start-up).
-EVAL_METRICS = ("eval_loss", "eval_accuracy")
-# With an EMA of the weights (ema_decay > 0) eval also runs on the averages: the same metrics,
-# with this prefix (`evaluate`).
-EMA_PREFIX = "ema_"
-
-
-def eval_metric_names(with_ema: bool) -> tuple[str, ...]:
-    """The metrics an eval logs: `EVAL_METRICS`, and their EMA twins when an EMA is kept."""
-    return EVAL_METRICS + (tuple(EMA_PREFIX + m for m in EVAL_METRICS) if with_ema else ())
 
 
 # The columns of the per-update `steps` matrix `train_loop` returns, all global (the same on
@@ -35,12 +29,6 @@ def eval_metric_names(with_ema: bool) -> tuple[str, ...]:
 # made to the weights (measured: new minus old weights); the LR the optimizer applied; 1 if the
 # update was skipped (health.action=skip), else 0.
 SIGNALS = ("loss", "grad_norm", "param_norm", "update_norm", "learning_rate", "skipped")
-
-
-def _per_example_loss(labels: tf.Tensor, logits: tf.Tensor) -> tf.Tensor:
-    """In float32 whatever the model computes in (models.py's classifier already is float32)."""
-    logits = tf.cast(logits, tf.float32)
-    return keras.losses.sparse_categorical_crossentropy(labels, logits, from_logits=True)
 
 
 class SpikeGuard(tf.Module):
@@ -136,11 +124,12 @@ def make_train_loop(
     grad_clip_norm: float = 0.0,
     guard: SpikeGuard | None = None,
     jit_compile: bool = False,
-    ema: WeightEMA | None = None,
+    ema: "WeightEMA | None" = None,
     loss_scale: LossScale | None = None,
 ) -> Callable[[object, tf.Tensor], dict[str, tf.Tensor]]:
-    """Returns `train_loop(iterator, num_steps)` -> mean loss/accuracy, the last applied LR and
-    `steps`, the `[num_steps, len(SIGNALS)]` per-update signals.
+    """Returns `train_loop(iterator, num_steps)` -> the mean loss, the mean of each `task.metrics`
+    over the loop's examples, the last applied LR and `steps`, the `[num_steps, len(SIGNALS)]`
+    per-update signals.
 
     `global_batch_size` is the examples of one optimizer update. With `accumulation_steps` k > 1
     the iterator yields micro-batches (`data.train_dataset_fn` with the same k): each update
@@ -158,6 +147,7 @@ def make_train_loop(
     """
     variables = model.trainable_variables
     _hand_reduced_gradients_to(optimizer)
+    metric_names = task.metric_names(model.output_shape[-1])
 
     @tf.function(jit_compile=jit_compile)
     def forward_backward(images: tf.Tensor, labels: tf.Tensor) -> tuple[tf.Tensor, ...]:
@@ -168,25 +158,24 @@ def make_train_loop(
             # gradients and the accumulation the micro-batches', so the sum is the gradient of
             # the mean over all of it.
             loss = tf.nn.compute_average_loss(
-                _per_example_loss(labels, logits), global_batch_size=global_batch_size
+                task.per_example_loss(labels, logits), global_batch_size=global_batch_size
             )
             if model.losses:  # Once per update in all: 1/replicas here, 1/k per micro-batch.
                 regularization = tf.nn.scale_regularization_loss(tf.add_n(model.losses))
                 loss += regularization / accumulation_steps
             scaled_loss = loss if loss_scale is None else loss * loss_scale.scale
-        correct = tf.reduce_sum(
-            tf.cast(tf.equal(tf.argmax(logits, -1, output_type=labels.dtype), labels), tf.float32)
-        )
+        # Sums over this micro-batch; the loop divides by the examples it saw.
+        metric_sums = {k: tf.reduce_sum(v) for k, v in task.metrics(labels, logits).items()}
         grads = tape.gradient(scaled_loss, variables)
         if loss_scale is not None:
             grads = [grad / loss_scale.scale for grad in grads]
-        return loss, correct, grads
+        return loss, metric_sums, grads
 
     def add(total: tuple, part: tuple) -> tuple:
         return tf.nest.map_structure(tf.add, total, part)
 
     def earlier_sums(iterator) -> tuple:
-        """(loss, correct, gradients) summed over all but the last micro-batch, per replica."""
+        """(loss, metric sums, gradients) summed over all but the last micro-batch, per replica."""
         sums = strategy.run(forward_backward, args=next(iterator))
         for _ in tf.range(accumulation_steps - 2):
             sums = strategy.run(
@@ -202,9 +191,9 @@ def make_train_loop(
         MirroredStrategy on one device fails ("destinations can not be empty") on tensors made
         in cross-replica context.
         """
-        loss, correct, grads = forward_backward(images, labels)
+        loss, metric_sums, grads = forward_backward(images, labels)
         if earlier is not None:
-            loss, correct, grads = add(earlier, (loss, correct, grads))
+            loss, metric_sums, grads = add(earlier, (loss, metric_sums, grads))
         # The update's only all-reduce; the optimizer gets its result as is (see
         # `_hand_reduced_gradients_to`). The norm is of the all-reduced gradient, the global one
         # (per-replica partial gradients have another norm). Clipping uses it too: Keras 3 would
@@ -213,18 +202,18 @@ def make_train_loop(
         grad_norm = tf.linalg.global_norm(summed)
         if grad_clip_norm > 0:
             summed, _ = tf.clip_by_global_norm(summed, grad_clip_norm, use_norm=grad_norm)
-        return loss, correct, grad_norm, summed
+        return loss, metric_sums, grad_norm, summed
 
     def apply(grads: list[tf.Tensor]) -> None:
         optimizer.apply_gradients(zip(grads, variables, strict=True))
 
     def train_step(iterator) -> tuple[tf.Tensor, tf.Tensor]:
-        """One update, in cross-replica context; returns its SIGNALS row and correct count."""
+        """One update, in cross-replica context; returns its SIGNALS row and metric sums."""
         before = [tf.identity(v) for v in variables]  # Kept by copy-on-write: one weight copy.
         # Decided in Python: without accumulation the graph has no accumulation loop.
         earlier = earlier_sums(iterator) if accumulation_steps > 1 else None
         images, labels = next(iterator)
-        loss, correct, grad_norm, grads = strategy.run(
+        loss, metric_sums, grad_norm, grads = strategy.run(
             last_micro_batch, args=(images, labels, earlier)
         )
         loss = strategy.reduce(SUM, loss, axis=None)
@@ -266,20 +255,21 @@ def make_train_loop(
                 1.0 - applied,
             ]
         )
-        return row, strategy.reduce(SUM, correct, axis=None)
+        return row, {k: strategy.reduce(SUM, v, axis=None) for k, v in metric_sums.items()}
 
     @tf.function
     def train_loop(iterator, num_steps: tf.Tensor) -> dict[str, tf.Tensor]:
         rows = tf.TensorArray(tf.float32, size=num_steps, element_shape=[len(SIGNALS)])
-        correct_sum = tf.constant(0.0)
+        sums = {name: tf.constant(0.0) for name in metric_names}
         for i in tf.range(num_steps):
-            row, correct = train_step(iterator)
+            row, metric_sums = train_step(iterator)
             rows = rows.write(i, row)
-            correct_sum += correct
+            sums = {name: sums[name] + metric_sums[name] for name in metric_names}
         steps = rows.stack()
+        examples = tf.cast(num_steps, tf.float32) * global_batch_size
         return {
             "loss": tf.reduce_mean(steps[:, 0]),
-            "accuracy": correct_sum / (tf.cast(num_steps, tf.float32) * global_batch_size),
+            **{name: total / examples for name, total in sums.items()},
             "learning_rate": steps[-1, SIGNALS.index("learning_rate")],
             "steps": steps,
         }
@@ -320,32 +310,24 @@ def xla_error(error: tf.errors.OpError) -> ConfigError | None:
 def make_eval_loop(
     *, strategy: tf.distribute.Strategy, model: keras.Model
 ) -> Callable[[object, tf.Tensor], dict[str, tf.Tensor]]:
-    """Returns `eval_loop(iterator, num_steps)` -> weighted mean loss and accuracy."""
+    """Returns `eval_loop(iterator, num_steps)` -> `eval_loss` and `eval_<metric>` for each
+    `task.metrics`: means over the examples, the padding of the last batch left out."""
 
-    def eval_step(
-        images: tf.Tensor, labels: tf.Tensor, weights: tf.Tensor
-    ) -> tuple[tf.Tensor, ...]:
+    def eval_step(images: tf.Tensor, labels: tf.Tensor, weights: tf.Tensor) -> dict:
         logits = model(images, training=False)
-        correct = tf.cast(
-            tf.equal(tf.argmax(logits, -1, output_type=labels.dtype), labels), tf.float32
-        )
-        return (
-            tf.reduce_sum(_per_example_loss(labels, logits) * weights),
-            tf.reduce_sum(correct * weights),
-            tf.reduce_sum(weights),
-        )
+        values = {"loss": task.per_example_loss(labels, logits), **task.metrics(labels, logits)}
+        sums = {name: tf.reduce_sum(value * weights) for name, value in values.items()}
+        return {**sums, "count": tf.reduce_sum(weights)}
 
     @tf.function
     def eval_loop(iterator, num_steps: tf.Tensor) -> dict[str, tf.Tensor]:
-        totals = [tf.constant(0.0)] * 3
+        totals = None
         for _ in tf.range(num_steps):
             per_replica = strategy.run(eval_step, args=next(iterator))
-            totals = [
-                t + strategy.reduce(SUM, v, axis=None)
-                for t, v in zip(totals, per_replica, strict=True)
-            ]
-        loss_sum, correct_sum, count = totals
-        return dict(zip(EVAL_METRICS, (loss_sum / count, correct_sum / count), strict=True))
+            sums = {k: strategy.reduce(SUM, v, axis=None) for k, v in per_replica.items()}
+            totals = sums if totals is None else {k: totals[k] + sums[k] for k in sums}
+        count = totals.pop("count")
+        return {task.EVAL_PREFIX + name: total / count for name, total in totals.items()}
 
     return eval_loop
 
@@ -354,12 +336,12 @@ def evaluate(
     eval_loop: Callable[[object, tf.Tensor], dict[str, tf.Tensor]],
     dataset: tf.distribute.DistributedDataset,
     num_steps: int,
-    ema: WeightEMA | None = None,
+    ema: "WeightEMA | None" = None,
 ) -> dict[str, float]:
     """One eval pass over `dataset`; with an `ema`, a second pass on the averaged weights.
 
-    Returns the `eval_metric_names(ema is not None)` as floats (a host sync). The EMA pass
-    doubles the eval's cost; the raw weights are back, bit for bit, when it returns.
+    Returns `task.eval_metric_names(..., with_ema=ema is not None)` as floats (a host sync). The
+    EMA pass doubles the eval's cost; the raw weights are back, bit for bit, when it returns.
     """
 
     def one_pass() -> dict[str, float]:
@@ -369,5 +351,6 @@ def evaluate(
     metrics = one_pass()
     if ema is not None:
         with ema.applied():
-            metrics.update({EMA_PREFIX + name: value for name, value in one_pass().items()})
+            averaged = one_pass()
+            metrics.update({task.EMA_PREFIX + name: value for name, value in averaged.items()})
     return metrics

@@ -1,8 +1,9 @@
-"""The manual LR override file, `WORKDIR/lr_override.json`: reading, checking and renaming it.
+"""The manual LR override file, `WORKDIR/lr_override.json`: reading, checking, applying, renaming.
 
 The file holds `{"set": LR}` or `{"multiply": FACTOR}`. It is hand-written, often on Windows, so
 it is decoded as UTF-8 with or without a BOM, or as UTF-16/UTF-32 with a BOM (what PowerShell 5's
-`>` writes). This module is the file protocol only; `lr_control` does the LR math.
+`>` writes). `OverrideAction` runs the protocol below at every loop boundary (trainer/actions.py);
+the LR math is the schedule's (`learning_rate.ControlledSchedule.set` / `scale`).
 
 Contract with the caller, at a loop boundary:
 
@@ -32,6 +33,10 @@ import json
 import math
 
 import tensorflow as tf
+from absl import logging
+
+from trainer.actions import Action, Decision
+from trainer.errors import ConfigError
 
 OVERRIDE_FILE = "lr_override.json"
 ACTIONS = ("set", "multiply")
@@ -219,3 +224,59 @@ def broadcast_from_chief(strategy, request: Request | None) -> Request | None:
         return None
     action = {number: name for name, number in _ACTION_CODES.items()}[code]
     return Request(action, float(value))
+
+
+def apply(request: Request, schedule, step: int) -> str:
+    """Applies `request` to the next update of `schedule` (a `learning_rate.ControlledSchedule`);
+    returns the LR event.
+
+    Raises:
+      ConfigError: a "set" where the schedule is 0 (nothing to scale from).
+    """
+    reason = f"manual override {request}"
+    if request.action == "multiply":
+        return schedule.scale(request.value, step, reason)
+    return schedule.set(request.value, step, reason)
+
+
+class OverrideAction(Action):
+    """Takes a pending override at every boundary, last (`before_save`: it has the last word on
+    the LR), asks for a save, and marks the file applied once that save is durable."""
+
+    def __init__(self):
+        self._pending_mark = False
+
+    def before_save(self, run) -> Decision | None:
+        """The chief reads the file; on a multi-worker run it broadcasts what it read, so every
+        worker takes part in this collective at the same boundary and applies the same request."""
+        step, topology = run.step, run.topology
+        request, events = None, []
+        if topology.is_chief:
+            try:
+                request = take_pending(run.workdir, step)
+            except Rejected as rejected:
+                logging.error("%s", rejected)
+                events = [str(rejected)]
+        if topology.num_workers > 1:
+            request = broadcast_from_chief(run.strategy, request)
+        if request is None:
+            run.log_events(events)
+            return None
+        try:
+            event = apply(request, run.schedule, step)
+        except ConfigError as error:  # A set where the schedule is 0: nothing to scale from.
+            message = f"ignored manual override {request}: {error}"
+            if topology.is_chief:
+                mark_rejected(run.workdir, step)
+                logging.error("%s", message)
+            run.log_events([message])
+            return None
+        logging.info("worker %d: %s", topology.worker_index, event)  # Every worker says it.
+        run.log_events([event])
+        self._pending_mark = True
+        return Decision(save=True)
+
+    def after_save(self, run) -> None:
+        if self._pending_mark and run.topology.is_chief:  # Durable now: it may leave the queue.
+            mark_applied(run.workdir, run.step)
+        self._pending_mark = False

@@ -1,7 +1,8 @@
-"""A run in its workdir: its state with the checkpoints, LR control and metrics that go with it.
+"""A run in its workdir: its state with the checkpoints and metrics that go with it.
 
 `train.py` drives the outer loop; this object owns what the loop must get right across a stop:
-restoring or initializing, saving, recovering from a NaN, and applying an LR override durably.
+restoring or initializing, saving, and going back to a checkpoint with a lower LR. It is also
+the one handle the actions (trainer/actions.py) get.
 """
 
 import json
@@ -11,26 +12,10 @@ import ml_collections
 import tensorflow as tf
 from absl import logging
 
-from trainer import (
-    checkpointing,
-    health,
-    init_checkpoint,
-    learning_rate,
-    lr_control,
-    lr_override,
-    metrics,
-)
+from trainer import checkpointing, features, learning_rate, metrics
 from trainer import state as state_lib
-from trainer.errors import ConfigError, UserError
+from trainer.errors import ConfigError
 from trainer.setup import Setup
-
-
-class NonFiniteLossError(UserError, FloatingPointError):
-    """The loss became NaN/Inf and `nan_policy` says to stop; the message names the fix."""
-
-
-class UnstableTrainingError(UserError):
-    """health.action=rollback rolled back `health.max_rollbacks` times and the loss still spiked."""
 
 
 class Run:
@@ -51,14 +36,7 @@ class Run:
             worker_index=topology.worker_index,
             max_to_keep=self.config.max_checkpoints_to_keep,
         )
-        self.controller = lr_control.LRController(
-            config=self.config.lr,
-            milestone_steps=self.plan.milestones,
-            schedule=self.state.schedule,
-        )
         self.last_saved_step: int | None = None
-        self._recoveries = 0
-        self._rollbacks = 0
         self._config_changes: list[str] = []  # Found on resume; logged once the writer is open.
         self.writer: metrics.MetricWriter | None = None  # Opened once the resume step is known.
 
@@ -91,8 +69,34 @@ class Run:
             self.writer.write_lr_curve(learning_rate.planned_curve(self.plan, self.config.lr))
 
     @property
+    def topology(self):
+        return self.setup.topology
+
+    @property
+    def strategy(self) -> tf.distribute.Strategy:
+        return self.setup.strategy
+
+    @property
+    def num_classes(self) -> int:
+        return self.setup.num_classes
+
+    @property
+    def schedule(self) -> learning_rate.ControlledSchedule:
+        """The optimizer's own schedule: every mid-run LR change goes through it."""
+        return self.state.schedule
+
+    @property
     def step(self) -> int:
         return self.state.step
+
+    @property
+    def done(self) -> bool:
+        return self.plan_step >= self.plan.total_steps
+
+    def is_time(self, every: int) -> bool:
+        """Whether a periodic action is due now: every `every` plan steps, and at the end. The
+        one place the outer loop and the actions ask it (the loop stops at each multiple)."""
+        return self.plan_step % every == 0 or self.done
 
     @property
     def plan_step(self) -> int:
@@ -119,7 +123,7 @@ class Run:
         restored = self.checkpointer.restore_latest(self.manifest())
         if restored is None:
             _refuse_fresh_start_over_history(self.workdir)
-            if self.config.init_checkpoint:
+            if init_checkpoint := features.if_asked("init_checkpoint", self.config):
                 init_checkpoint.load(self.state.model, self.config)
                 if self.state.ema is not None:  # Averages start at the loaded weights.
                     self.state.ema.reset()
@@ -174,99 +178,15 @@ class Run:
         self.checkpointer.save(self.manifest())
         self.last_saved_step = self.step
 
-    def recover_from_non_finite(self, loss: float) -> str:
-        """Applies `config.nan_policy`; a NaN state is never checkpointed, older ones stay.
-
-        Returns the LR event of the recovery. Raises NonFiniteLossError when the policy (or the
-        number of recoveries) says to stop.
-        """
-        self._recoveries += 1
-        config = self.config
-        complete = self.checkpointer.complete_steps()
-        last_good = f"{self.checkpointer.directory}/ckpt-{complete[0]}" if complete else "none"
-        if config.nan_policy == "fail" or self._recoveries > config.nan_max_recoveries:
-            gave_up = (
-                f" after {config.nan_max_recoveries} recoveries" if self._recoveries > 1 else ""
-            )
-            raise NonFiniteLossError(
-                f"training loss is {loss} in the inner loop ending at step {self.step}{gave_up}; "
-                f"last good checkpoint: {last_good} (kept). Lower lr.base, set "
-                "optimizer.grad_clip_norm, or use --config.nan_policy=recover"
-            )
-        logging.warning(
-            "loss is %s at step %d: restoring %s (recovery %d of %d)",
-            loss,
-            self.step,
-            last_good,
-            self._recoveries,
-            config.nan_max_recoveries,
-        )
-        self._restore_newest()
-        return self.controller.scale(config.nan_lr_factor, self.step, "NaN recovery")
-
-    def roll_back(self, event: health.Event) -> str:
-        """health.action=rollback after a spike or explosion: today's NaN recovery, for spikes.
-
-        Restores the newest complete checkpoint (saved before the loop that spiked, so before
-        the spike) and multiplies the LR by `health.rollback_lr_factor`. Returns the LR event.
-        Raises UnstableTrainingError after `health.max_rollbacks` rollbacks in this process.
-        """
-        self._rollbacks += 1
-        config = self.config.health
-        if self._rollbacks > config.max_rollbacks:
-            raise UnstableTrainingError(
-                f"health {event.kind} at step {event.step} after {config.max_rollbacks} "
-                f"rollbacks: {event.message}"
-            )
-        logging.warning(
-            "health %s at step %d: rolling back to the newest checkpoint (rollback %d of %d)",
-            event.kind,
-            event.step,
-            self._rollbacks,
-            config.max_rollbacks,
-        )
-        self._restore_newest()
-        reason = f"health rollback: {event.kind} at step {event.step}: {event.message}"
-        return self.controller.scale(config.rollback_lr_factor, self.step, reason)
-
-    def _restore_newest(self) -> None:
-        """Back to the newest complete checkpoint; the logs forget what came after it."""
+    def restore(self, lr_factor: float, reason: str) -> str:
+        """Back to the newest complete checkpoint, with the LR x `lr_factor` from there on; the
+        logs forget what came after it. Returns the LR event (logged at the restored step)."""
         restored = self.checkpointer.restore_latest(self.manifest())
         self._align_schedule(restored)
         self.writer.rewind(self.step)
-
-    def take_lr_override(self) -> tuple[list[str], bool]:
-        """Applies a pending `lr_override.json`; returns its events and whether it changed the LR.
-
-        The chief reads the file; on a multi-worker run it broadcasts what it read, so every
-        worker calls this at the same loop boundary (it is a collective there) and applies the
-        same request. A change is marked applied (the file renamed) only after `save()` made it
-        durable, so the caller must save when this returns True and then have the chief call
-        `lr_override.mark_applied`.
-        """
-        step = self.step
-        topology = self.setup.topology
-        request, events = None, []
-        if topology.is_chief:
-            try:
-                request = lr_override.take_pending(self.workdir, step)
-            except lr_override.Rejected as rejected:
-                logging.error("%s", rejected)
-                events = [str(rejected)]
-        if topology.num_workers > 1:
-            request = lr_override.broadcast_from_chief(self.setup.strategy, request)
-        if request is None:
-            return events, False
-        try:
-            event = self.controller.apply_override(request, step)
-        except ConfigError as error:  # A set where the schedule is 0: nothing to scale from.
-            message = f"ignored manual override {request}: {error}"
-            if topology.is_chief:
-                lr_override.mark_rejected(self.workdir, step)
-                logging.error("%s", message)
-            return [message], False
-        logging.info("worker %d: %s", topology.worker_index, event)  # Every worker says it.
-        return [event], True
+        event = self.schedule.scale(lr_factor, self.step, reason)
+        self.log_events([event])
+        return event
 
     def log_events(self, events: list[str]) -> None:
         for event in events:

@@ -8,6 +8,7 @@ import tensorflow as tf
 from absl import logging
 
 from trainer import (
+    config_check,
     data,
     data_service,
     distribute,
@@ -94,7 +95,7 @@ def prepare(config: ml_collections.ConfigDict) -> Setup:
     strategy = distribute.create_strategy(config.distribution, host)
     topology = distribute.topology(strategy, config.distribution.strategy)
     model_precision = precision.resolve(config.precision, strategy, host)
-    plan_lib.check_config(config)
+    config_check.check_config(config)
     deterministic = _set_determinism(config)
     image_preprocessing = preprocessing.from_config(config.dataset)
     train_split = sources.load_split(config.dataset, config.dataset.train_split)
@@ -108,6 +109,7 @@ def prepare(config: ml_collections.ConfigDict) -> Setup:
         num_workers=topology.num_workers,
         train_examples=train_split.num_examples,
     )
+    config_check.check_plan(config, plan)
     setup = Setup(
         config=config,
         strategy=strategy,

@@ -8,8 +8,7 @@ import keras
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from trainer import checkpointing, learning_rate, loop, models, optimizers, precision
-from trainer import ema as ema_lib
+from trainer import checkpointing, features, learning_rate, loop, models, optimizers, precision
 from trainer.setup import Setup
 
 
@@ -22,7 +21,7 @@ class TrainState:
     schedule: learning_rate.ControlledSchedule  # What the optimizer calls for every update's LR.
     examples_seen: tf.Variable  # The input position: the stream resumes exactly here.
     guard: loop.SpikeGuard  # The running loss/gradient-norm statistics a skip decision reads.
-    ema: ema_lib.WeightEMA | None  # The averaged weights (ema_decay > 0), else None.
+    ema: object | None  # The averaged weights (extras.ema.WeightEMA; ema_decay > 0), else None.
     loss_scale: precision.LossScale | None  # mixed_float16's dynamic loss scale, else None.
     checkpoint: tf.train.Checkpoint
 
@@ -70,7 +69,8 @@ def build_state(
             min_history=health.min_history,
             skip=health.action == "skip",
         )
-        ema = ema_lib.from_config(config.ema_decay, model)
+        ema_feature = features.if_asked("ema", config)
+        ema = ema_feature.from_config(config.ema_decay, model) if ema_feature else None
         fp16 = setup.precision.policy == "mixed_float16"
         loss_scale = precision.LossScale() if fp16 else None
     examples_seen = tf.Variable(0, dtype=tf.int64, trainable=False, name="examples_seen")

@@ -1,28 +1,33 @@
-"""`train_and_evaluate(config, workdir)`: the whole run, top to bottom."""
+"""`train_and_evaluate(config, workdir)`: the whole run, top to bottom.
 
-import dataclasses
+The outer loop knows no feature: it runs the inner loop, evaluates and checkpoints when it is
+time, and hands every result to the run's actions in their declared order (trainer/actions.py
+says what each hook is for and why the order is what it is). Preemption (exit 42), a lost
+worker (exit 43) and the workdir lock stay here, in the core.
+"""
+
 import time
 from contextlib import nullcontext
 
 import ml_collections
-import numpy as np
 import tensorflow as tf
 
+from trainer import actions as actions_lib
 from trainer import (
     export,
-    health,
+    features,
     loop,
     lost_worker,
     lr_override,
-    metrics,
     preemption,
-    profiling,
+    records,
+    recovery,
     watchdog,
     workdir_lock,
 )
 from trainer import setup as setup_lib
-from trainer.best import BestKeeper
-from trainer.health import report
+from trainer.actions import Actions, LoopResult, Phase
+from trainer.health import monitoring
 from trainer.run import Run
 
 
@@ -37,8 +42,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         # 1. Strategy, data and the plan: every derived number, computed and logged once. Every
         #    user error is raised here, before anything is written.
         setup = setup_lib.prepare(config)
-        health.check_config(config.health)
-        watchdog.check_config(config.watchdog)
         signals.take_back_handlers()
         if signals.received:
             raise preemption.Preempted(None)
@@ -51,24 +54,48 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             #    init_checkpoint's weights when fine-tuning): never a silent fresh start (see
             #    Run.restore_or_initialize).
             run = Run.start(setup, workdir)
-            profiler = profiling.StepProfiler.from_config(
-                workdir, config, is_chief=setup.topology.is_chief
-            )
+            actions = build_actions(run)
             try:
-                with watchdog.Watchdog.from_config(config.watchdog) as timer:
-                    return _train(run, signals, profiler, timer)
+                return _train(run, signals, actions)
             except lost_worker.LOST_CONTACT_ERRORS as error:
                 if setup.topology.num_workers == 1:
                     raise
                 raise _lost_worker(run, error) from error
             finally:
-                profiler.stop()  # A run stopped inside profile_steps still writes its profile.
+                actions.close()
                 run.writer.close()
+
+
+def build_actions(run: Run) -> Actions:
+    """The run's actions in their declared order (trainer/actions.py says why this order).
+
+    The opt-in ones come from trainer/extras/ when the config asks for them; `config.actions`
+    (the user's own) run last.
+    """
+    config = run.config
+    order: list[actions_lib.Action] = [
+        records.StepRecords(),
+        monitoring.HealthMonitor(run),
+        recovery.NonFiniteRecovery.from_run(run),
+    ]
+    if config.health.action == "rollback":
+        order.append(recovery.Rollback.from_run(run))
+    order.append(records.TrainRecords(run))
+    if lr_control := features.if_asked("lr_control", config):
+        order.append(lr_control.LRControlAction.from_run(run))
+    if best := features.if_asked("best", config):
+        order.append(best.BestAction.from_run(run))
+    if profiling := features.if_asked("profiling", config):
+        order.append(profiling.StepProfiler.from_run(run))
+    order.append(watchdog.WatchdogAction.from_run(run))
+    order.extend(actions_lib.load_user_action(entry, run) for entry in config.actions)
+    order.append(lr_override.OverrideAction())  # Last: the final word on the LR (contract 4).
+    return Actions(order)
 
 
 def _lost_worker(run: Run, error: tf.errors.OpError) -> lost_worker.LostWorker:
     """What a surviving worker says when a collective failed because another worker is gone."""
-    resolver = run.setup.strategy.cluster_resolver
+    resolver = run.strategy.cluster_resolver
     complete = run.checkpointer.complete_steps()
     return lost_worker.from_error(
         error,
@@ -79,215 +106,110 @@ def _lost_worker(run: Run, error: tf.errors.OpError) -> lost_worker.LostWorker:
     )
 
 
-@dataclasses.dataclass
-class _Window:
-    """Train numbers accumulated on the host between two log records."""
-
-    rows: list = dataclasses.field(default_factory=list)  # Per-update loop.SIGNALS rows.
-    correct: float = 0.0  # Accuracy x updates.
-    seconds: float = 0.0
-
-    def add(self, outputs: dict, steps: np.ndarray, seconds: float) -> None:
-        self.rows.append(steps)
-        self.correct += float(outputs["accuracy"]) * len(steps)
-        self.seconds += seconds
-
-    def record(self, global_batch_size: int) -> dict[str, float]:
-        """Means over the window's updates (the LR and the weight norm: of the last one)."""
-        rows = np.concatenate(self.rows)
-        column = {name: rows[:, i] for i, name in enumerate(loop.SIGNALS)}
-        applied = column["skipped"] == 0
-        ratios = column["update_norm"][applied] / column["param_norm"][applied]
-        return {
-            "learning_rate": float(column["learning_rate"][-1]),  # Applied in update `step`.
-            "loss": float(column["loss"].mean()),
-            "accuracy": self.correct / len(rows),
-            "examples_per_sec": len(rows) * global_batch_size / self.seconds,
-            "grad_norm": float(column["grad_norm"].mean()),
-            "param_norm": float(column["param_norm"][-1]),
-            "update_ratio": float(ratios.mean()) if len(ratios) else 0.0,
-            "loss_max": float(column["loss"].max()),
-        }
-
-
-def _loss_scale_record(loss_scale) -> dict[str, float]:
-    """mixed_float16's scale and its overflow skips so far (also in `skipped_updates`' rows)."""
-    if loss_scale is None:
-        return {}
-    return {
-        "loss_scale": float(loss_scale.scale.numpy()),
-        "overflow_skips": int(loss_scale.skipped.numpy()),
-    }
-
-
-def _next_stop(plan_step: int, config: ml_collections.ConfigDict, total: int, milestone) -> int:
-    """The next plan step where the host must act; the inner loop runs exactly up to it."""
-    stops = [total, plan_step + config.steps_per_loop]
-    for every in (config.log_every_steps, config.eval_every_steps, config.checkpoint_every_steps):
-        stops.append((plan_step // every + 1) * every)
-    if milestone is not None and milestone > plan_step:
-        stops.append(milestone)
-    # The profiler starts and stops at loop boundaries: these make them the requested steps.
-    stops.extend(step for step in config.profile_steps if step > plan_step)
-    return min(stops)
-
-
-def _train(
-    run: Run,
-    signals: preemption.SignalWatcher,
-    profiler: profiling.StepProfiler,
-    timer: watchdog.Watchdog,
-) -> dict[str, float]:
-    setup, config, plan, state = run.setup, run.config, run.plan, run.state
+def _train(run: Run, signals: preemption.SignalWatcher, actions: Actions) -> dict[str, float]:
+    config = run.config
     # 5. The compiled inner loops and both inputs, built once (the train input is rebuilt only
-    #    when a NaN recovery moves the input position back).
-    train_loop = loop.make_train_loop(
-        strategy=setup.strategy,
-        model=state.model,
-        optimizer=state.optimizer,
-        global_batch_size=plan.global_batch_size,
-        accumulation_steps=plan.accumulation_steps,
-        grad_clip_norm=config.optimizer.grad_clip_norm,
-        guard=state.guard,
-        jit_compile=config.jit_compile,
-        ema=state.ema,
-        loss_scale=state.loss_scale,
-    )
-    eval_loop = loop.make_eval_loop(strategy=setup.strategy, model=state.model)
-    train_iterator = setup.train_iterator(run.examples_seen)
-    eval_dataset, eval_steps = setup.eval_input()
-
-    def evaluate() -> dict[str, float]:  # Raw weights, and the EMA's when one is kept.
-        with timer.watch("eval loop", run.step):
-            return loop.evaluate(eval_loop, eval_dataset, eval_steps, state.ema)
-
-    def save() -> None:
-        with timer.watch("checkpoint save", run.step):
-            run.save()
-
-    window = _Window()
+    #    when a restore moves the input position back).
+    loops = _Loops(run)
     eval_metrics: dict[str, float] = {}
-    num_workers = setup.topology.num_workers
-    monitor = _monitor(run)
-    # The best eval's checkpoint and export (export/best); file work, so the chief's alone.
-    best = BestKeeper.from_config(run.workdir, config) if setup.topology.is_chief else None
-    # 6. The outer loop: an inner loop of steps in one tf.function, then host-side work. A signal
+    # 6. The outer loop: an inner loop of steps in one tf.function, then the actions. A signal
     #    received at any time (also during set-up or restore) stops it at the next boundary.
-    while run.plan_step < plan.total_steps:
-        if signals.should_stop(setup.strategy, num_workers):
+    while not run.done:
+        if signals.should_stop(run.strategy, run.topology.num_workers):
             if run.last_saved_step != run.step:
-                save()
+                _save(run, actions)
             raise preemption.Preempted(run.step)
-        plan_step = run.plan_step
-        stop = _next_stop(plan_step, config, plan.total_steps, run.controller.next_milestone())
-        num_steps = stop - plan_step
-        started = time.monotonic()
-        # A profiler step inside profile_steps; the watchdog's timer always.
-        with profiler.inner_loop(plan_step, num_steps), timer.watch("train loop", run.step):
-            try:
-                outputs = train_loop(train_iterator, tf.constant(num_steps))
-                outputs = {k: v.numpy() for k, v in outputs.items()}  # The one host sync.
-            except tf.errors.OpError as error:  # XLA compiles at the first call, not before.
-                if config.jit_compile and (config_error := loop.xla_error(error)):
-                    raise config_error from error
-                raise
-        seconds = time.monotonic() - started
-        state.examples_seen.assign_add(num_steps * plan.global_batch_size)
-
-        # Every update's signals, then the health rules over them (events reported at once).
-        steps = outputs.pop("steps")
-        first = run.step - num_steps + 1
-        run.writer.write_steps(first, steps)
-        found = monitor.observe(_columns(first, steps))
-        for event in found:
-            run.writer.write_event(event.step, event.record())
-        applied = steps[:, loop.SIGNALS.index("skipped")] == 0
-        nonfinite = ~np.isfinite(steps[:, :2]).all(axis=1)  # Loss or gradient norm.
-        if (nonfinite & applied).any():  # Skipped updates left the weights as they were.
-            run.log_events([run.recover_from_non_finite(float(outputs["loss"]))])
-            train_iterator, window, monitor = _restart(run)
+        result = loops.train(actions)
+        decision = actions.after_train_loop(run, result)
+        if decision.restore_lr_factor is not None:
+            run.restore(decision.restore_lr_factor, decision.reason)
+            loops.restart_input()
+            actions.after_restore(run)
             continue
-        spikes = [e for e in found if e.kind in ("spike", "explode")]
-        if config.health.action == "rollback" and spikes:
-            run.log_events([run.roll_back(spikes[0])])
-            train_iterator, window, monitor = _restart(run)
-            continue
-
-        window.add(outputs, steps, seconds)
-        plan_step = run.plan_step
-        done = plan_step >= plan.total_steps
-        events = run.controller.on_loop_end(run.step)
-
-        if plan_step % config.log_every_steps == 0 or done:
-            run.writer.write(
-                run.step,
-                {
-                    **window.record(plan.global_batch_size),
-                    "examples_seen": run.examples_seen,
-                    "epoch": run.examples_seen / plan.train_examples,
-                    "skipped_updates": int(state.guard.skipped.numpy()),
-                    **_loss_scale_record(state.loss_scale),
-                },
-            )
-            window = _Window()
-        run.log_events(events)
-
-        evaluated = plan_step % config.eval_every_steps == 0 or done
-        if evaluated:
-            eval_metrics = evaluate()
-            run.writer.write(run.step, eval_metrics, kind="eval")
-            run.log_events(run.controller.on_eval(run.step, eval_metrics))
-
-        # The chief reads the override file and, on multi-worker runs, broadcasts it.
-        override_events, overridden = run.take_lr_override()
-        run.log_events(override_events)
-        # With best_metric every eval is checkpointed (on every worker alike: a multi-worker
-        # save is collective), so the best eval's checkpoint exists to be kept.
-        keeps_best = evaluated and bool(config.best_metric)
-        if plan_step % config.checkpoint_every_steps == 0 or done or overridden or keeps_best:
-            save()
-        if overridden and setup.topology.is_chief:  # Durable now: the file may leave the queue.
-            lr_override.mark_applied(run.workdir, run.step)
-        if keeps_best and best is not None:
-            best.update(run.step, eval_metrics)
+        if run.is_time(config.eval_every_steps):
+            eval_metrics = loops.evaluate(actions)
+            decision |= actions.after_eval(run, eval_metrics)
+        decision |= actions.before_save(run)
+        if decision.save or decision.stop or run.is_time(config.checkpoint_every_steps):
+            _save(run, actions)
+        if decision.stop:
+            break
     # 7. What the run gives back (chief only): the last checkpoint as a model to serve
-    #    (export/final), and the health report.
-    if setup.topology.is_chief:
-        if config.export_at_end:
-            export.log_export(export.export_run(run.workdir))
-        report.write(run.workdir)  # health.json, health.png and a console summary.
+    #    (export/final); then the actions' own (the health report).
+    if run.topology.is_chief and config.export_at_end:
+        export.log_export(export.export_run(run.workdir))
+    actions.at_end(run)
     return eval_metrics
 
 
-def _columns(first: int, steps: np.ndarray) -> dict[str, np.ndarray]:
-    """A loop's `[n, len(SIGNALS)]` matrix as named columns, with the update numbers."""
-    return {
-        "step": np.arange(first, first + len(steps)),
-        **{name: steps[:, i] for i, name in enumerate(loop.SIGNALS)},
-    }
+def _save(run: Run, actions: Actions) -> None:
+    with actions.around(Phase("checkpoint save", run.step, run.plan_step)):
+        run.save()
+    actions.after_save(run)
 
 
-def _monitor(run: Run) -> health.Monitor:
-    """The health monitor, having seen this run's updates up to its step (none if fresh).
+class _Loops:
+    """The compiled train and eval loops of a run, with their inputs."""
 
-    Read from health_steps.jsonl, which every worker can see (a non-chief one may read before
-    the chief truncated it on resume, hence the filter), so all workers decide alike.
-    """
-    plan, config = run.plan, run.config
-    offset = run.plan_step - run.step
-
-    def phase(step: int) -> str:
-        return health.describe_phase(
-            step + offset, plan.warmup_steps, plan.total_steps, config.lr.decay
+    def __init__(self, run: Run):
+        setup, config, plan, state = run.setup, run.config, run.plan, run.state
+        self._run = run
+        self._train_loop = loop.make_train_loop(
+            strategy=setup.strategy,
+            model=state.model,
+            optimizer=state.optimizer,
+            global_batch_size=plan.global_batch_size,
+            accumulation_steps=plan.accumulation_steps,
+            grad_clip_norm=config.optimizer.grad_clip_norm,
+            guard=state.guard,
+            jit_compile=config.jit_compile,
+            ema=state.ema,
+            loss_scale=state.loss_scale,
         )
+        self._eval_loop = loop.make_eval_loop(strategy=setup.strategy, model=state.model)
+        self._eval_dataset, self._eval_steps = setup.eval_input()
+        self.restart_input()
 
-    monitor = health.Monitor(health.Rules.from_config(config.health), phase)
-    history = metrics.read_steps(run.workdir)
-    upto = history["step"] <= run.step
-    monitor.replay({name: values[upto] for name, values in history.items()})
-    return monitor
+    def restart_input(self) -> None:
+        """The train stream from the run's input position (after a restore moved it back)."""
+        self._train_iterator = self._run.setup.train_iterator(self._run.examples_seen)
 
+    def next_stop(self, actions: Actions) -> int:
+        """The next plan step where the host must act; the inner loop runs exactly up to it."""
+        run, config = self._run, self._run.config
+        plan_step = run.plan_step
+        stops = [run.plan.total_steps, plan_step + config.steps_per_loop]
+        for every in (
+            config.log_every_steps,
+            config.eval_every_steps,
+            config.checkpoint_every_steps,
+        ):
+            stops.append((plan_step // every + 1) * every)
+        return min(stops + actions.next_stop(plan_step))
 
-def _restart(run: Run):
-    """Input, log window and monitor after a restore (NaN recovery, rollback)."""
-    return run.setup.train_iterator(run.examples_seen), _Window(), _monitor(run)
+    def train(self, actions: Actions) -> LoopResult:
+        """One inner loop up to the next stop; its outputs read with the loop's one host sync."""
+        run = self._run
+        plan_step = run.plan_step
+        num_steps = self.next_stop(actions) - plan_step
+        started = time.monotonic()
+        with actions.around(Phase("train loop", run.step, plan_step, num_steps)):
+            try:
+                outputs = self._train_loop(self._train_iterator, tf.constant(num_steps))
+                outputs = {k: v.numpy() for k, v in outputs.items()}  # The one host sync.
+            except tf.errors.OpError as error:  # XLA compiles at the first call, not before.
+                if run.config.jit_compile and (config_error := loop.xla_error(error)):
+                    raise config_error from error
+                raise
+        seconds = time.monotonic() - started
+        run.state.examples_seen.assign_add(num_steps * run.plan.global_batch_size)
+        steps = outputs.pop("steps")
+        return LoopResult(run.step - num_steps + 1, steps, outputs, seconds)
+
+    def evaluate(self, actions: Actions) -> dict[str, float]:
+        """One eval pass on the raw weights, and one on the EMA's when one is kept."""
+        run = self._run
+        with actions.around(Phase("eval loop", run.step, run.plan_step)):
+            return loop.evaluate(
+                self._eval_loop, self._eval_dataset, self._eval_steps, run.state.ema
+            )

@@ -3,12 +3,12 @@
 Multi-worker jobs that hang say nothing (tensorflow/tensorflow#35878): a worker stuck in Python
 (a lock, a filesystem call) keeps sending heartbeats, so TF never fails the job. The outer loop
 wraps the calls that can hang (the train and eval loops, checkpoint saves) in `watch(what,
-step)`. When one has run longer than max(`factor` x the median of its recent durations,
-`floor_seconds`) (the first call of each kind compiles, so it is left out of the median), the
-thread logs what is stuck, since when and at which step, then the stacks of all threads
-(`faulthandler`, which takes no lock the stuck thread may hold), and again every `repeat_seconds`
-while it stays stuck. It never stops the run: the collective and heartbeat timeouts
-(distribute.py) do that.
+step)` (through `WatchdogAction.around`). When one has run longer than max(`factor` x the
+median of its recent durations, `floor_seconds`) (the first call of each kind compiles, so it
+is left out of the median), the thread logs what is stuck, since when and at which step, then
+the stacks of all threads (`faulthandler`, which takes no lock the stuck thread may hold), and
+again every `repeat_seconds` while it stays stuck. It never stops the run: the collective and
+heartbeat timeouts (distribute.py) do that.
 
 Cost per watched call: two clock reads and a list append, on boundaries where the host already
 waits for the device; nothing is added inside the compiled loops and no host sync. The thread
@@ -28,6 +28,7 @@ from collections.abc import Callable, Iterator
 import ml_collections
 from absl import logging
 
+from trainer.actions import Action, Phase
 from trainer.errors import ConfigError
 
 _POLL_SECONDS = 1.0  # How often the thread looks; also the smallest floor_seconds allowed.
@@ -152,3 +153,21 @@ class Watchdog:
         self._stopped.set()
         if self._thread is not None:
             self._thread.join()
+
+
+class WatchdogAction(Action):
+    """The watchdog as an action: it times every phase the outer loop wraps (train loop, eval
+    loop, checkpoint save); its thread runs from construction to `close`."""
+
+    def __init__(self, watchdog: Watchdog):
+        self.watchdog = watchdog.__enter__()
+
+    @classmethod
+    def from_run(cls, run) -> "WatchdogAction":
+        return cls(Watchdog.from_config(run.config.watchdog))
+
+    def around(self, phase: Phase) -> contextlib.AbstractContextManager:
+        return self.watchdog.watch(phase.what, phase.step)
+
+    def close(self) -> None:
+        self.watchdog.__exit__(None, None, None)

@@ -35,7 +35,7 @@ from trainer import setup as setup_lib
 from trainer.errors import ConfigError, UserError
 from trainer.health import report as health_report
 from trainer.lr_sweep import report
-from trainer.run import NonFiniteLossError
+from trainer.recovery import NonFiniteLossError
 
 DIRECTORY = "lr_sweep"
 GRID_FILE = "grid.json"  # The grid, trial length and config, fixed when the sweep starts.

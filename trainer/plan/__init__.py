@@ -9,21 +9,10 @@ import numbers
 
 import ml_collections
 
-from trainer import (
-    best,
-    ema,
-    init_checkpoint,
-    learning_rate,
-    loop,
-    models,
-    optimizers,
-    plotting,
-    profiling,
-)
+from trainer import learning_rate, plotting
 from trainer.errors import ConfigError
 
 UNITS = ("steps", "epochs", "examples")
-NAN_POLICIES = ("fail", "recover")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,11 +78,6 @@ def _duration(config: ml_collections.ConfigDict, prefix: str, plan_facts: tuple[
     return _to_steps(config[f"{prefix}_{unit}"], unit, f"{prefix}_{unit}", plan_facts)
 
 
-def _check_choice(field: str, value: str, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        raise ConfigError(f"{field} ({value!r}) is not one of {', '.join(choices)}")
-
-
 def _check_positive(config: ml_collections.ConfigDict, *fields: str) -> None:
     for field in fields:
         value = config[field]
@@ -118,33 +102,10 @@ def _check_finite(config: ml_collections.ConfigDict, prefix: str = "") -> None:
             )
 
 
-def _check_in_range(
-    field: str, value: float, low: float, high: float, *, bounds: str, hint: str
-) -> None:
-    """`bounds` is the interval as printed, e.g. "[0, 1)": its brackets say which ends are in."""
-    low_ok = value >= low if bounds[0] == "[" else value > low
-    high_ok = value <= high if bounds[-1] == "]" else value < high
-    if not (low_ok and high_ok):
-        raise ConfigError(f"{field} ({value}) must be in {bounds}; {hint}")
-
-
-def _check_plateau_metric(config: ml_collections.ConfigDict) -> None:
-    """Checked here, not at the first eval (possibly hours in), against what eval returns."""
-    metric = config.lr.plateau_metric
-    names = loop.eval_metric_names(with_ema=config.ema_decay > 0)
-    if metric and metric not in names:
-        raise ConfigError(
-            f"lr.plateau_metric ({metric!r}) is not an eval metric of this run; use one of "
-            f"{', '.join(names)}, or '' for no reduce-on-plateau"
-        )
-
-
 def check_config(config: ml_collections.ConfigDict) -> None:
-    """Rejects values that are wrong whatever the topology, naming the field and the fix.
-
-    Runs at start-up (`setup.prepare`), before anything is written to the workdir, and in
-    `python -m trainer.plan`.
-    """
+    """Rejects the plan's own fields (sizes, durations, cadences) and any nan/inf in the config,
+    whatever the topology, naming the field and the fix; `config_check.check_config` runs it with
+    every other module's check, once, before anything is written."""
     _check_finite(config)
     _check_positive(
         config,
@@ -159,35 +120,17 @@ def check_config(config: ml_collections.ConfigDict) -> None:
         "checkpoint_every_steps",
         "max_checkpoints_to_keep",
     )
-    _check_choice("nan_policy", config.nan_policy, NAN_POLICIES)
-    _check_in_range(
-        "nan_lr_factor",
-        config.nan_lr_factor,
-        0,
-        1,
-        bounds="(0, 1]",
-        hint="the LR is scaled by it after each NaN recovery, e.g. 0.5",
-    )
-    if config.nan_max_recoveries < 0:
-        raise ConfigError(
-            f"nan_max_recoveries ({config.nan_max_recoveries}) must be >= 0; 0 = fail on the "
-            "first NaN"
-        )
-    learning_rate.check_config(config.lr)
-    ema.check_config(config.ema_decay)
-    _check_plateau_metric(config)
-    optimizers.check_config(config.optimizer)
-    models.check_config(config.model)
-    best.check_config(config)
-    init_checkpoint.check_config(config)
-    profiling.check_config(config.profile_steps)
 
 
 def make_plan(
     config: ml_collections.ConfigDict, *, num_replicas: int, num_workers: int, train_examples: int
 ) -> Plan:
-    """Resolves the config for a topology. Raises ValueError naming the field, value and fix."""
-    check_config(config)
+    """Resolves a checked config (`config_check.check_config`) for a topology.
+
+    Raises:
+      ConfigError: what depends on the topology (the batch split) or the dataset's size (a run
+        of no steps), naming the field, the value and the fix.
+    """
     global_batch_size, accumulation_steps = config.global_batch_size, config.accumulation_steps
     micro_batches = num_replicas * accumulation_steps  # Per-replica micro-batches per update.
     if global_batch_size % micro_batches:
@@ -202,7 +145,6 @@ def make_plan(
     warmup_steps = _duration(config.lr, "warmup", facts)
     if total_steps <= 0:
         raise ConfigError(f"the run is {total_steps} steps long; raise total_steps/total_epochs")
-    profiling.check_config(config.profile_steps, total_steps)
     lr = config.lr
     boundaries = tuple(
         _to_steps(b, lr.boundaries_unit, "lr.boundaries", facts) for b in lr.boundaries

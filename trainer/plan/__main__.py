@@ -6,7 +6,7 @@
 
 from absl import flags
 
-from trainer import cli
+from trainer import cli, config_check
 from trainer import plan as plan_lib
 
 _REPLICAS = flags.DEFINE_integer("replicas", 1, "Replicas to plan for (all workers).")
@@ -20,6 +20,7 @@ _PLOT = flags.DEFINE_string("plot", "lr_schedule.png", "Where to write the LR pl
 def main(argv: list[str]) -> None:
     del argv
     config = cli.CONFIG.value
+    config_check.check_config(config)
     train_examples = _TRAIN_EXAMPLES.value
     if train_examples is None:
         from trainer import sources  # TF and TFDS load only when the metadata is needed.
@@ -31,6 +32,7 @@ def main(argv: list[str]) -> None:
         num_workers=_WORKERS.value,
         train_examples=train_examples,
     )
+    config_check.check_plan(config, plan)
     print(plan_lib.describe(plan, config.lr))
     if _PLOT.value:
         plan_lib.plot(plan, config.lr, _PLOT.value)

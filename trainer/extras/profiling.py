@@ -3,7 +3,7 @@
 `profile_steps = (start, end)` profiles the updates after step `start` up to step `end` (the
 steps of metrics.jsonl on the plan's axis: (20, 25) covers updates 21 to 25). The inner loop
 runs up to `steps_per_loop` updates per call, so the outer loop also stops at `start` and `end`
-(`train._next_stop`): the profiler starts and stops at exactly those loop boundaries, at the
+(`next_stop`): the profiler starts and stops at exactly those loop boundaries, at the
 cost of one or two shorter inner loops (no retracing: their length is a tensor).
 
 Each inner-loop call, with the host sync that reads its outputs, is one profiler step
@@ -19,10 +19,10 @@ import contextlib
 import os
 from collections.abc import Iterator
 
-import ml_collections
 import tensorflow as tf
 from absl import logging
 
+from trainer.actions import Action, Phase
 from trainer.errors import ConfigError
 
 
@@ -49,8 +49,8 @@ def check_config(profile_steps: tuple, total_steps: int | None = None) -> None:
         )
 
 
-class StepProfiler:
-    """Starts and stops TF's profiler around the inner loops of `profile_steps`."""
+class StepProfiler(Action):
+    """Starts and stops TF's profiler around the inner loops of `profile_steps` (an action)."""
 
     def __init__(self, logdir: str, profile_steps: tuple, *, enabled: bool):
         self._logdir = logdir
@@ -58,10 +58,22 @@ class StepProfiler:
         self._active = False
 
     @classmethod
-    def from_config(
-        cls, workdir: str, config: ml_collections.ConfigDict, *, is_chief: bool
-    ) -> "StepProfiler":
-        return cls(os.path.join(workdir, "tensorboard"), config.profile_steps, enabled=is_chief)
+    def from_run(cls, run) -> "StepProfiler":
+        return cls(
+            os.path.join(run.workdir, "tensorboard"),
+            run.config.profile_steps,
+            enabled=run.topology.is_chief,
+        )
+
+    def next_stop(self, plan_step: int) -> int | None:
+        """The range's ends, on every worker alike: the profiler acts at exactly those steps."""
+        later = [step for step in self._range if step > plan_step]
+        return min(later) if later else None
+
+    def around(self, phase: Phase) -> contextlib.AbstractContextManager:
+        if phase.what != "train loop":
+            return contextlib.nullcontext()
+        return self.inner_loop(phase.plan_step, phase.num_steps)
 
     @contextlib.contextmanager
     def inner_loop(self, plan_step: int, num_steps: int) -> Iterator[None]:
@@ -77,6 +89,9 @@ class StepProfiler:
             yield
         if plan_step + num_steps >= self._range[1]:
             self.stop()
+
+    def close(self) -> None:
+        self.stop()  # A run stopped inside profile_steps still writes its profile.
 
     def stop(self) -> None:
         """Writes the profile, if one is being recorded (also when the run stops early)."""

@@ -25,17 +25,16 @@ import ml_collections
 import tensorflow as tf
 from absl import logging
 
-from trainer import checkpointing, export, loop
+from trainer import checkpointing, export, task
+from trainer.actions import Action, Decision
 from trainer.errors import ConfigError
 
 MODES = ("max", "min")
-# Which direction is better for each eval metric (the same for its EMA twin).
-_BETTER = {"eval_loss": "min", "eval_accuracy": "max"}
 BEST_FILE = "best.json"
 
 
-def check_config(config: ml_collections.ConfigDict) -> None:
-    """Validates `best_metric` / `best_mode` at start-up, naming the field and the fix.
+def check_config(config: ml_collections.ConfigDict, eval_names: tuple[str, ...]) -> None:
+    """Validates `best_metric` / `best_mode` against the run's eval metrics (`eval_names`).
 
     Raises:
       ConfigError: an unknown metric or mode, or a mode that would keep the worst checkpoint.
@@ -43,21 +42,19 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     metric, mode = config.best_metric, config.best_mode
     if not metric:
         return
-    with_ema = config.ema_decay > 0
-    names = loop.eval_metric_names(with_ema)
-    if metric not in names:
+    if metric not in eval_names:
         raise ConfigError(
             f"best_metric ({metric!r}) is not an eval metric of this run; use one of "
-            f"{', '.join(names)}, or '' to keep no best checkpoint"
+            f"{', '.join(eval_names)}, or '' to keep no best checkpoint"
         )
-    if with_ema and not metric.startswith(loop.EMA_PREFIX):
+    if config.ema_decay > 0 and not metric.startswith(task.EMA_PREFIX):
         raise ConfigError(
             f"best_metric ({metric!r}) judges the raw weights, but with ema_decay > 0 exports "
-            f"hold the averaged ones; use --config.best_metric={loop.EMA_PREFIX}{metric}"
+            f"hold the averaged ones; use --config.best_metric={task.EMA_PREFIX}{metric}"
         )
     if mode not in MODES:
         raise ConfigError(f"best_mode ({mode!r}) is not one of {', '.join(MODES)}")
-    better = _BETTER[metric.removeprefix(loop.EMA_PREFIX)]
+    better = task.better(metric)
     if mode != better:
         raise ConfigError(
             f"best_mode ({mode!r}) would keep the worst {metric}; use --config.best_mode={better}"
@@ -75,14 +72,6 @@ class BestKeeper:
         self.directory = export.export_directory(workdir, "best")
         self.metric, self.mode = metric, mode
         self.best: dict | None = self._read()
-
-    @classmethod
-    def from_config(cls, workdir: str, config: ml_collections.ConfigDict) -> "BestKeeper | None":
-        """None when `best_metric` is "" (off)."""
-        check_config(config)
-        if not config.best_metric:
-            return None
-        return cls(workdir, metric=config.best_metric, mode=config.best_mode)
 
     def _read(self) -> dict | None:
         """The best so far from best.json; None if there is none for this metric and mode."""
@@ -159,3 +148,31 @@ class BestKeeper:
             self.directory,
         )
         return True
+
+
+class BestAction(Action):
+    """With `best_metric`, every eval asks for a checkpoint (on every worker alike: a
+    multi-worker save is collective) and, once it is written, the chief keeps it if it is the
+    best so far."""
+
+    def __init__(self, keeper: BestKeeper | None):
+        self._keeper = keeper  # None on workers other than the chief: file work is the chief's.
+        self._judged: dict[str, float] | None = None
+
+    @classmethod
+    def from_run(cls, run) -> "BestAction":
+        keeper = None
+        if run.topology.is_chief:
+            config = run.config
+            keeper = BestKeeper(run.workdir, metric=config.best_metric, mode=config.best_mode)
+        return cls(keeper)
+
+    def after_eval(self, run, eval_metrics: dict[str, float]) -> Decision:
+        del run
+        self._judged = eval_metrics
+        return Decision(save=True)
+
+    def after_save(self, run) -> None:
+        if self._judged is not None and self._keeper is not None:
+            self._keeper.update(run.step, self._judged)
+        self._judged = None

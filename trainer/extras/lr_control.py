@@ -1,14 +1,25 @@
-"""Decides mid-run LR changes: milestones, reduce-on-plateau and the manual override file.
+"""Decides mid-run LR changes: milestones and reduce-on-plateau (and applies manual overrides).
 
 Every decision changes `learning_rate.LRState` (checkpointed) between inner loops and returns a
 one-line event for the logs; the optimizer's schedule reads that state inside the next update.
+`LRControlAction` runs the controller at the outer loop's boundaries (trainer/actions.py).
 """
 
 import ml_collections
-from absl import logging
 
 from trainer import learning_rate, lr_override
+from trainer.actions import Action, LoopResult
 from trainer.errors import ConfigError
+
+
+def check_plateau_metric(lr: ml_collections.ConfigDict, eval_names: tuple[str, ...]) -> None:
+    """Checked at start-up, not at the first eval (possibly hours in), against what eval returns."""
+    metric = lr.plateau_metric
+    if metric and metric not in eval_names:
+        raise ConfigError(
+            f"lr.plateau_metric ({metric!r}) is not an eval metric of this run; use one of "
+            f"{', '.join(eval_names)}, or '' for no reduce-on-plateau"
+        )
 
 
 class LRController:
@@ -28,42 +39,13 @@ class LRController:
 
     def lr_at(self, step: int) -> float:
         """The LR the update after `step` applied updates will use."""
-        return float(self._schedule(step).numpy())
-
-    def _set_multiplier(
-        self, value: float, step: int, reason: str, floor: int | None = None
-    ) -> str:
-        old_lr = self.lr_at(step)
-        self._state.multiplier.assign(value)
-        if floor is not None:
-            self._state.floor.assign(floor)
-        message = f"lr: {old_lr:.6g} -> {self.lr_at(step):.6g} at step {step} ({reason})"
-        logging.info(message)
-        return message
+        return self._schedule.lr_at(step)
 
     def scale(self, factor: float, step: int, reason: str) -> str:
-        """Multiplies the current LR (and the rest of the schedule) by `factor`."""
-        return self._set_multiplier(self._state.multiplier.numpy() * factor, step, reason)
+        return self._schedule.scale(factor, step, reason)
 
     def set(self, value: float, step: int, reason: str) -> str:
-        """Makes the next update use LR `value`; the rest of the schedule is scaled to match.
-
-        During warmup the rest of the ramp is skipped (the LR holds `value` until the decay
-        starts, then decays from it), so the LR never exceeds `value`: the user who says "set
-        the LR to X" gets X now and nothing higher later.
-        """
-        base = self._schedule.base
-        position = self._schedule.plan_position(step)
-        warmup_end = base.warmup_steps - 1  # The schedule step of the first update at the peak.
-        floor = warmup_end if position < warmup_end else None
-        position = max(position, warmup_end)
-        base_value = float(base(position).numpy())
-        if base_value <= 0:
-            raise ConfigError(
-                f"cannot set the LR to {value} at step {step}: the schedule is 0 there; "
-                "use a multiplying action instead"
-            )
-        return self._set_multiplier(value / base_value, step, reason, floor)
+        return self._schedule.set(value, step, reason)
 
     def next_milestone(self) -> int | None:
         """The step of the next pending milestone, so the outer loop can stop exactly there."""
@@ -124,11 +106,31 @@ class LRController:
         return [self.scale(factor, step, reason)]
 
     def apply_override(self, request: lr_override.Request, step: int) -> str:
-        """Applies a manual override (read by `lr_override.take_pending`) to the next update.
+        """Applies a manual override to the next update (see `lr_override.apply`)."""
+        return lr_override.apply(request, self._schedule, step)
 
-        Raises ConfigError when a "set" cannot be applied (the schedule is 0 there).
-        """
-        reason = f"manual override {request}"
-        if request.action == "multiply":
-            return self.scale(request.value, step, reason)
-        return self.set(request.value, step, reason)
+
+class LRControlAction(Action):
+    """Milestones after each inner loop (the loop stops exactly at each), plateau after evals."""
+
+    def __init__(self, controller: LRController):
+        self.controller = controller
+
+    @classmethod
+    def from_run(cls, run) -> "LRControlAction":
+        return cls(
+            LRController(
+                config=run.config.lr, milestone_steps=run.plan.milestones, schedule=run.schedule
+            )
+        )
+
+    def next_stop(self, plan_step: int) -> int | None:
+        del plan_step
+        return self.controller.next_milestone()
+
+    def after_train_loop(self, run, result: LoopResult) -> None:
+        del result
+        run.log_events(self.controller.on_loop_end(run.step))
+
+    def after_eval(self, run, eval_metrics: dict[str, float]) -> None:
+        run.log_events(self.controller.on_eval(run.step, eval_metrics))
