@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import testutil
 
-from trainer import actions, lr_override, metrics, recovery, records, train, watchdog
+from trainer import actions, lr_override, metrics, records, recovery, train, watchdog
 from trainer.actions import Action, Decision
 from trainer.errors import ConfigError
 from trainer.extras import best, lr_control, profiling
@@ -151,6 +151,9 @@ def test_a_bad_user_action_entry_is_one_line(entry, fragment):
 
 def test_non_finite_recovery_counts_only_applied_updates():
     result = actions.LoopResult(1, np.array([[np.nan, 1, 1, 0, 0.1, 1.0]]), {"loss": np.nan}, 0)
-    assert recovery.NonFiniteRecovery(
-        policy="fail", lr_factor=0.5, max_recoveries=1
-    ).after_train_loop(None, result) is None  # The NaN update was skipped: nothing to undo.
+    assert (
+        recovery.NonFiniteRecovery(policy="fail", lr_factor=0.5, max_recoveries=1).after_train_loop(
+            None, result
+        )
+        is None
+    )  # The NaN update was skipped: nothing to undo.

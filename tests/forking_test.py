@@ -14,7 +14,7 @@ from tensorboard.backend.event_processing import event_accumulator
 from trainer import metrics
 
 # Appended to the copy's trainer/task.py: the docstring's example, as a fork would paste it.
-TASK_EDIT = '''
+TASK_EDIT = """
 
 def per_example_loss(labels, logits):
     logits = tf.cast(logits, tf.float32)
@@ -30,7 +30,7 @@ _metrics = metrics
 def metrics(labels, logits):
     top2 = tf.math.in_top_k(tf.cast(labels, tf.int32), tf.cast(logits, tf.float32), 2)
     return {**_metrics(labels, logits), "top2_accuracy": tf.cast(top2, tf.float32)}
-'''
+"""
 SHORT = (  # The default config, 40 steps.
     "--config.total_steps=40",
     "--config.steps_per_loop=10",
@@ -38,6 +38,7 @@ SHORT = (  # The default config, 40 steps.
     "--config.eval_every_steps=20",
     "--config.checkpoint_every_steps=20",
     "--config.export_at_end=False",
+    "--config.lr.warmup_steps=10",
 )
 
 
@@ -53,9 +54,19 @@ def _copy(tmp_path, name: str):
     return root
 
 
+# `python -m trainer.main`, except that this repository's editable install (pip install -e) may
+# not fill in a module the copy lacks: its finder would find trainer/extras/ here. A fork's own
+# checkout has no other tfscale to fall back on.
+_MAIN_OF_THE_COPY = (
+    "import runpy, sys; "
+    "sys.meta_path[:] = [f for f in sys.meta_path if 'EditableFinder' not in repr(f)]; "
+    "runpy.run_module('trainer.main', run_name='__main__', alter_sys=True)"
+)
+
+
 def _run(root, workdir, *overrides: str, data_dir: str, check: bool = True):
-    """`python -m trainer.main` from the copy's root, so the copy's trainer is the one imported."""
-    command = [sys.executable, "-m", "trainer.main"]
+    """The trainer from the copy's root, so the copy's trainer is the one imported."""
+    command = [sys.executable, "-c", _MAIN_OF_THE_COPY]
     command += testutil.main_flags(workdir, *SHORT, *overrides, data_dir=data_dir)
     env = {**testutil.ENV, "PYTHONPATH": str(root)}
     result = subprocess.run(

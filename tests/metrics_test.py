@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from trainer import health, loop, metrics
+from trainer import loop, metrics
 
 RECORDS = [
     (10, {"loss": 2.5, "accuracy": 0.125, "learning_rate": 0.1}),
@@ -44,7 +44,11 @@ def _descriptions(workdir, run):
 
 def _writer(workdir, resume_step=0, enabled=True):
     return metrics.MetricWriter(
-        str(workdir), enabled=enabled, total_steps=100, resume_step=resume_step
+        str(workdir),
+        enabled=enabled,
+        total_steps=100,
+        resume_step=resume_step,
+        task_metrics=("accuracy",),
     )
 
 
@@ -72,14 +76,28 @@ def test_write_jsonl_and_tensorboard(tmp_path):
     assert _scalars(str(tmp_path), "examples") == [(20, 2560)]  # Unlisted keys keep their name.
     assert _scalars(str(tmp_path), "phase") == []  # Not a number: JSONL only.
     assert "whole eval split" in _descriptions(str(tmp_path), "eval")["metrics/loss"]
-    assert "fraction" in _descriptions(str(tmp_path), "train")["metrics/accuracy"]
+    assert "trainer/task.py" in _descriptions(str(tmp_path), "train")["metrics/accuracy"]
 
 
 def test_every_tag_has_a_description_with_its_group():
     for key, (tag, description) in metrics.TAGS.items():
         assert "/" in tag and len(description) > 20, key
     assert metrics.TAGS["loss"][0] == metrics.TAGS["eval_loss"][0]
-    assert metrics.TAGS["accuracy"][0] == metrics.TAGS["eval_accuracy"][0]
+
+
+@pytest.mark.parametrize(
+    ("key", "tag"),
+    [
+        ("top2", "metrics/top2"),  # A task metric's train value...
+        ("eval_top2", "metrics/top2"),  # ...and its eval share the tag (two runs overlay).
+        ("ema_eval_top2", "metrics/ema_top2"),
+        ("ema_eval_loss", "metrics/ema_loss"),
+        ("eval_other", "eval_other"),  # Not a task metric: the key as it is.
+        ("loss_scale", "loss_scale"),
+    ],
+)
+def test_task_metrics_get_their_tags_from_their_names(key, tag):
+    assert metrics._tag(key, task_metrics=("top2",))[0] == tag
 
 
 def _steps(first, n, seed=0):
@@ -116,13 +134,12 @@ def test_write_event_goes_to_jsonl_tensorboard_and_console(tmp_path, caplog):
     caplog.set_level(logging.WARNING)
     writer = _writer(tmp_path)
     event = {"health": "explode", "message": "loss rose 12x", "learning_rate": 0.8}
-    writer.write_event(60, event)
+    writer.write_event(60, event, marker=2.0)
     writer.close()
     assert metrics.read_records(str(tmp_path)) == [{"step": 60, "kind": "health", **event}]
     found = _events(str(tmp_path), "train")
     assert ("text", "health/events", 60, b"explode: loss rose 12x") in [f[:4] for f in found]
-    marker = health.KINDS.index("explode") + 1
-    assert _scalars(str(tmp_path), "health/event") == [(60, marker)]
+    assert _scalars(str(tmp_path), "health/event") == [(60, 2.0)]
     assert "health | step: 60 | explode | loss rose 12x" in caplog.text
 
 
@@ -260,7 +277,7 @@ def test_disabled_writer_writes_nothing(tmp_path):
     writer.write_text("plan", "text")
     writer.write_lr_curve([0.1, 0.2, 0.3])
     writer.write_steps(1, _steps(1, 3))
-    writer.write_event(3, {"health": "stall", "message": "flat", "learning_rate": 0.1})
+    writer.write_event(3, {"health": "stall", "message": "flat", "learning_rate": 0.1}, 3.0)
     writer.close()
     assert os.listdir(tmp_path) == []
 

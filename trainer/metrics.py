@@ -11,14 +11,13 @@ from absl import logging
 from tensorboard.plugins.scalar import metadata as scalar_metadata
 
 from trainer.errors import UserError
-from trainer.health import KINDS as HEALTH_KINDS
 from trainer.loop import SIGNALS
 
 METRICS_FILE = "metrics.jsonl"  # One record per log step, eval, LR change or health event.
 STEPS_FILE = "health_steps.jsonl"  # One record per update: the SIGNALS of trainer/loop.py.
 
-# Record key -> TensorBoard tag and its description (what, unit, global or per replica). Keys
-# not listed (none in the trainer) keep their name and have no description.
+# Record key -> TensorBoard tag and its description (what, unit, global or per replica). The
+# task's metrics (trainer/task.py) get theirs from `_tag`; other keys keep their name.
 TAGS = {
     "loss": (
         "metrics/loss",
@@ -28,23 +27,6 @@ TAGS = {
     "eval_loss": (
         "metrics/loss",
         "Eval loss: mean cross-entropy over the whole eval split, all replicas together; nats.",
-    ),
-    "accuracy": (
-        "metrics/accuracy",
-        "Training top-1 accuracy, mean over the updates since the previous log, global batch; "
-        "fraction.",
-    ),
-    "eval_accuracy": (
-        "metrics/accuracy",
-        "Eval top-1 accuracy over the whole eval split; fraction.",
-    ),
-    "ema_eval_loss": (
-        "metrics/ema_loss",
-        "Eval loss of the EMA of the weights (ema_decay), over the whole eval split; nats.",
-    ),
-    "ema_eval_accuracy": (
-        "metrics/ema_accuracy",
-        "Eval top-1 accuracy of the EMA of the weights (ema_decay), whole eval split; fraction.",
     ),
     "learning_rate": (
         "lr/learning_rate",
@@ -74,9 +56,7 @@ TAGS = {
     ),
     "health_event": (
         "health/event",
-        "A marker at each health event: "
-        + ", ".join(f"{i + 1} {k}" for i, k in enumerate(HEALTH_KINDS))
-        + ".",
+        "A marker at each health event: the number of its kind (trainer/health KINDS, from 1).",
     ),
     "examples_per_sec": (
         "perf/examples_per_sec",
@@ -119,8 +99,10 @@ class MetricWriter:
         total_steps: int,
         resume_step: int,
         step_offset: int = 0,
+        task_metrics: tuple[str, ...] = (),
     ):
         self._enabled = enabled
+        self._task_metrics = task_metrics  # Their train records get `metrics/NAME` tags too.
         self._total_steps = total_steps
         self._step_offset = step_offset
         self._start_time = time.monotonic()
@@ -169,7 +151,7 @@ class MetricWriter:
                         if isinstance(value, (int, float)) and not (
                             kind == "train" and name in PER_STEP
                         ):
-                            _scalar(name, value)
+                            self._scalar(name, value)
                 writer.flush()
         except (OSError, tf.errors.OpError) as error:
             raise MetricsWriteError(self._path, error) from error
@@ -197,10 +179,11 @@ class MetricWriter:
         except (OSError, tf.errors.OpError) as error:
             raise MetricsWriteError(self._steps_path, error) from error
 
-    def write_event(self, step: int, event: dict) -> None:
+    def write_event(self, step: int, event: dict, marker: float) -> None:
         """A health event: a `kind: health` record, a TensorBoard text and marker, a console line.
 
-        `event` holds `health` (the detector), `message` and the numbers it saw.
+        `event` holds `health` (the detector), `message` and the numbers it saw; `marker` is the
+        value of its point under `health/event` (the kind's number).
         """
         if not self._enabled:
             return
@@ -209,7 +192,7 @@ class MetricWriter:
             writer = self._writers["train"]
             with writer.as_default(step=step):
                 tf.summary.text("health/events", f"{event['health']}: {event['message']}")
-                _scalar("health_event", float(HEALTH_KINDS.index(event["health"]) + 1))
+                self._scalar("health_event", marker)
             writer.flush()
         except (OSError, tf.errors.OpError) as error:
             raise MetricsWriteError(self._path, error) from error
@@ -252,7 +235,7 @@ class MetricWriter:
             indices.append(len(curve) - 1)
         with self._plan_writer.as_default():
             for index in indices:
-                _scalar("learning_rate", curve[index], step=index + 1, description=PLANNED_LR)
+                self._scalar("learning_rate", curve[index], step=index + 1, description=PLANNED_LR)
         self._plan_writer.flush()
 
     def close(self) -> None:
@@ -262,10 +245,27 @@ class MetricWriter:
             for writer in (self._plan_writer, *self._writers.values()):
                 writer.close()
 
+    def _scalar(self, name: str, value, step=None, description: str | None = None) -> None:
+        tag, default = _tag(name, self._task_metrics)
+        tf.summary.scalar(tag, value, step=step, description=description or default)
 
-def _scalar(name: str, value, step=None, description: str | None = None) -> None:
-    tag, default = TAGS.get(name, (name, None))
-    tf.summary.scalar(tag, value, step=step, description=description or default)
+
+def _tag(name: str, task_metrics: tuple[str, ...]) -> tuple[str, str | None]:
+    """The TensorBoard tag and description of a record key. A task metric's train value and its
+    eval (`eval_NAME`) share `metrics/NAME`, in the train and eval runs, so the curves overlay;
+    its EMA eval (`ema_eval_NAME`) is `metrics/ema_NAME`."""
+    if name in TAGS:
+        return TAGS[name]
+    for prefix, tag_prefix, what in (
+        ("ema_eval_", "metrics/ema_", "Eval {} of the EMA of the weights (ema_decay)"),
+        ("eval_", "metrics/", "Eval {}"),
+        ("", "metrics/", "Training {}, mean over the updates since the previous log"),
+    ):
+        metric = name.removeprefix(prefix) if name.startswith(prefix) else None
+        if metric == "loss" or metric in task_metrics:
+            where = "the whole eval split" if prefix else "the global batch"
+            return tag_prefix + metric, f"{what.format(metric)} over {where} (trainer/task.py)."
+    return name, None
 
 
 def _step_scalar_writer(writer):

@@ -12,7 +12,7 @@ import ml_collections
 import tensorflow as tf
 from absl import logging
 
-from trainer import checkpointing, features, learning_rate, metrics
+from trainer import checkpointing, features, learning_rate, metrics, task
 from trainer import state as state_lib
 from trainer.errors import ConfigError
 from trainer.setup import Setup
@@ -51,6 +51,7 @@ class Run:
             total_steps=run.plan.total_steps,
             resume_step=run.state.step,
             step_offset=run.plan_step - run.step,
+            task_metrics=task.metric_names(setup.num_classes),
         )
         run._describe()
         for change in run._config_changes:

@@ -37,7 +37,8 @@ class HealthMonitor(Action):
     def after_train_loop(self, run, result: LoopResult) -> None:
         found = self._monitor.observe(result.columns())
         for event in found:
-            run.writer.write_event(event.step, event.record())
+            marker = float(health.KINDS.index(event.kind) + 1)
+            run.writer.write_event(event.step, event.record(), marker)
         result.events.extend(found)
 
     def after_restore(self, run) -> None:
