@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import testutil
 
-from trainer import actions, lr_override, metrics, records, recovery, train, watchdog
+from trainer import actions, config_check, lr_override, metrics, records, recovery, train, watchdog
 from trainer.actions import Action, Decision
 from trainer.errors import ConfigError
 from trainer.extras import best, lr_control, profiling
@@ -143,9 +143,9 @@ def test_a_user_action_sees_every_loop_and_eval_and_can_stop_the_run(tmp_path, d
         ("actions_test:no_such_factory", "actions_test has no callable no_such_factory"),
     ],
 )
-def test_a_bad_user_action_entry_is_one_line(entry, fragment):
+def test_a_bad_user_action_entry_is_one_line_at_start_up(entry, fragment):
     with pytest.raises(ConfigError, match=fragment) as error:
-        actions.load_user_action(entry, None)
+        config_check.check_config(testutil.config_with(actions=(entry,)))
     assert "\n" not in str(error.value)
 
 

@@ -450,6 +450,7 @@ def test_multi_worker_fields_are_checked(no_multi_worker_strategy, strategy, fie
     assert shown in str(error.value) and f"distribution.{field}" in str(error.value)
 
 
+@pytest.mark.slow  # A cluster on loopback: ~5 s.
 def test_heartbeat_timeout_reaches_tf_coordination_service(tmp_path):
     """Read back from TF's context in a fresh process (the setting goes through TF internals
     that a TF upgrade may move: this fails then). One worker, so no peer is needed."""

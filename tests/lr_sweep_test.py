@@ -143,6 +143,7 @@ def _tiny(data_dir, **fields):
     )
 
 
+@pytest.mark.slow  # Whole trials in-process: ~15 s.
 def test_a_stopped_sweep_resumes_without_redoing_finished_trials(
     tmp_path, data_dir, monkeypatch, caplog
 ):
@@ -193,6 +194,7 @@ def test_a_stopped_sweep_resumes_without_redoing_finished_trials(
         )
 
 
+@pytest.mark.slow  # Whole trials in-process: ~10 s.
 def test_a_grid_around_the_range_test_and_an_exploding_trial(tmp_path, data_dir, monkeypatch):
     """Without --lrs the grid is the factors x the range test's suggestion (one range test); a
     trial whose loss goes NaN reads `explodes`, with no loss at the end, and is never the pick."""

@@ -52,6 +52,7 @@ def test_split_sizes_shapes_and_balance(data_dir, split, size):
     np.testing.assert_array_equal(counts, [size // NUM_CLASSES] * NUM_CLASSES)
 
 
+@pytest.mark.slow  # Generates the dataset twice: ~4 s.
 def test_generation_is_deterministic(data_dir, tmp_path):
     first = shapes.load_or_prepare(data_dir)
     second = shapes.load_or_prepare(str(tmp_path))

@@ -119,6 +119,7 @@ def test_unprepared_variable_size_dataset_says_to_build_it_as_array_record(tmp_p
     assert list(tmp_path.iterdir()) == []  # Nothing was downloaded or written.
 
 
+@pytest.mark.slow  # Runs the convert command: ~7 s.
 def test_variable_size_tfrecord_is_refused_with_a_convert_command_that_works(tmp_path):
     """The command in the error message, run as printed, makes the dataset trainable."""
     tfrecord_dir = tmp_path / "tfrecord"

@@ -197,8 +197,9 @@ class Actions:
                 stack.callback(action.close)
 
 
-def load_user_action(entry: str, run) -> Action:
-    """`config.actions` entry "package.module:factory" -> `factory(run)`.
+def user_action_factory(entry: str):
+    """The callable a `config.actions` entry "package.module:factory" names (config_check checks
+    every entry with this at start-up, so a typo fails before anything is written).
 
     Raises:
       ConfigError: the entry is malformed, its module cannot be imported or has no such name.
@@ -217,4 +218,9 @@ def load_user_action(entry: str, run) -> Action:
     factory = getattr(module, name, None)
     if not callable(factory):
         raise ConfigError(f"config.actions entry {entry!r}: {module_name} has no callable {name}")
-    return factory(run)
+    return factory
+
+
+def load_user_action(entry: str, run) -> Action:
+    """`config.actions` entry "package.module:factory" -> `factory(run)`."""
+    return user_action_factory(entry)(run)

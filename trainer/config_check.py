@@ -8,6 +8,7 @@ Each check raises a `ConfigError` whose one line names the field, its value and 
 import ml_collections
 
 from trainer import (
+    actions,
     features,
     health,
     learning_rate,
@@ -49,6 +50,8 @@ def check_config(config: ml_collections.ConfigDict, num_classes: int | None = No
         lr_control.check_plateau_metric(config.lr, eval_names)
     if best := features.load("best", config):
         best.check_config(config, eval_names)
+    for entry in config.actions:
+        actions.user_action_factory(entry)
 
 
 def check_plan(config: ml_collections.ConfigDict, plan: plan_lib.Plan) -> None:

@@ -115,13 +115,9 @@ def _train(run: Run, signals: preemption.SignalWatcher, actions: Actions) -> dic
     # 6. The outer loop: an inner loop of steps in one tf.function, then the actions. A signal
     #    received at any time (also during set-up or restore) stops it at the next boundary.
     while not run.done:
-        if signals.should_stop(run.strategy, run.topology.num_workers):
-            if run.last_saved_step != run.step:
-                _save(run, actions)
-            raise preemption.Preempted(run.step)
-        result = loops.train(actions)
-        decision = actions.after_train_loop(run, result)
-        if decision.restore_lr_factor is not None:
+        _stop_if_signalled(run, signals, actions)
+        decision = actions.after_train_loop(run, loops.train(actions))
+        if decision.restore_lr_factor is not None:  # The loop is thrown away; replay from there.
             run.restore(decision.restore_lr_factor, decision.reason)
             loops.restart_input()
             actions.after_restore(run)
@@ -140,6 +136,15 @@ def _train(run: Run, signals: preemption.SignalWatcher, actions: Actions) -> dic
         export.log_export(export.export_run(run.workdir))
     actions.at_end(run)
     return eval_metrics
+
+
+def _stop_if_signalled(run: Run, signals: preemption.SignalWatcher, actions: Actions) -> None:
+    """Preemption: once any worker got SIGTERM/SIGINT, checkpoint (unless this step already is)
+    and raise `Preempted` on every worker (exit 42)."""
+    if signals.should_stop(run.strategy, run.topology.num_workers):
+        if run.last_saved_step != run.step:
+            _save(run, actions)
+        raise preemption.Preempted(run.step)
 
 
 def _save(run: Run, actions: Actions) -> None:
