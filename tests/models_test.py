@@ -150,12 +150,6 @@ def test_check_config_accepts_dropout_in_range(rate):
     models.check_config(_model_config("small_cnn", width=1, dropout_rate=rate))
 
 
-def test_build_model_rejects_bad_dropout_before_keras():
-    # Keras' own message ("Expected a float value between 0 and 1") names no config field.
-    with pytest.raises(ConfigError, match=r"model\.dropout_rate \(1\.5\)"):
-        models.build_model(_model_config("mlp", 2, 1.5), (4, 4, 1), 10, seed=0)
-
-
 def _batch_norms(model: keras.Model) -> list[keras.layers.BatchNormalization]:
     return [layer for layer in model.layers if isinstance(layer, keras.layers.BatchNormalization)]
 

@@ -186,7 +186,7 @@ BAD_CASES = [
 
 
 @pytest.mark.parametrize(("fields", "fragments"), BAD_CASES)
-def test_check_config_names_the_field_and_plan_runs_it(fields, fragments):
+def test_check_config_names_the_field_and_config_check_runs_it(fields, fragments):
     config = testutil.config_with(**{f"optimizer.{k}": v for k, v in fields.items()})
     for check in (
         lambda: optimizers.check_config(config.optimizer),
@@ -209,11 +209,6 @@ def test_check_config_names_the_field_and_plan_runs_it(fields, fragments):
 )
 def test_check_config_accepts(fields):
     optimizers.check_config(_optimizer_config(**fields))
-
-
-def test_build_optimizer_checks_the_config_first():
-    with pytest.raises(ConfigError, match=r"optimizer\.name \('lamb'\)"):
-        optimizers.build_optimizer(_optimizer_config("lamb"), 0.1, _variables())
 
 
 # --- which variables decay --------------------------------------------------------------------

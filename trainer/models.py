@@ -195,8 +195,8 @@ MODELS: dict[str, Callable[[ml_collections.ConfigDict, keras.KerasTensor], keras
 
 
 def check_config(config: ml_collections.ConfigDict) -> None:
-    """Validates `config.model` at start-up (`plan.check_config` calls it), before the workdir
-    exists; Keras would only fail once the model is built, without naming the field.
+    """Validates `config.model` at start-up (`config_check.check_config` calls it), before the
+    workdir exists; Keras would only fail once the model is built, without naming the field.
 
     Raises:
       ConfigError: naming the field, its value and the fix.
@@ -249,10 +249,10 @@ def build_model(
 ) -> keras.Model:
     """Builds `config.name` with a (dropout +) linear classifier emitting logits.
 
-    Call under `strategy.scope()` so the variables are distributed. The dropout is
+    Call under `strategy.scope()` so the variables are distributed, with a checked config
+    (`config_check.check_config` runs `check_config` once, at start-up). The dropout is
     `ReplicaDropout`: a different mask on every replica.
     """
-    check_config(config)
     inputs = keras.Input(shape=input_shape)
     features = MODELS[config.name](config, inputs)
     if config.dropout_rate > 0:

@@ -322,9 +322,9 @@ def _check_weight_decay(config: ml_collections.ConfigDict) -> None:
 
 
 def check_config(config: ml_collections.ConfigDict) -> None:
-    """Validates `config.optimizer` at start-up (`plan.check_config` calls it), before the workdir
-    exists: Keras checks some of these only when the optimizer is built, without the field's name,
-    so every field is checked here, whichever optimizer reads it.
+    """Validates `config.optimizer` at start-up (`config_check.check_config` calls it), before the
+    workdir exists: Keras checks some of these only when the optimizer is built, without the
+    field's name, so every field is checked here, whichever optimizer reads it.
 
     Raises:
       ConfigError: naming the field, its value and the fix.
@@ -404,10 +404,8 @@ def build_optimizer(
     In l2 mode (not lars) this also sets `regularizer` on the decayed `variables` (the model's), so
     `model.losses` carries 0.5 * wd * ||w||^2 and the training loop adds it to the loss.
 
-    Raises:
-      ConfigError: a field of `config` is invalid (see `check_config`).
+    `config` is checked (`config_check.check_config` runs `check_config` once, at start-up).
     """
-    check_config(config)
     optimizer = OPTIMIZERS[config.name](config, learning_rate)
     decayed, excluded = split_by_weight_decay(variables, config.weight_decay_exclude)
     # Read by Keras's decoupled decay and by LARS (decay and adaptation); must precede build.
