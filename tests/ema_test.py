@@ -9,7 +9,6 @@ import pytest
 import tensorflow as tf
 import testutil
 
-from configs import default as default_config
 from trainer import (
     config_check,
     data,
@@ -45,7 +44,7 @@ def _trainer(strategy, decay: float, guard: loop.SpikeGuard | None = None):
         base = learning_rate.WarmupDecaySchedule(
             peak_lr=0.5, total_steps=100, warmup_steps=0, decay_kind="constant"
         )
-        schedule = learning_rate.controlled_schedule(base, default_config.get_config().lr)
+        schedule = learning_rate.controlled_schedule(base)
         optimizer = keras.optimizers.SGD(schedule)
         optimizer.build(model.trainable_variables)
         average = ema.WeightEMA(model, decay)

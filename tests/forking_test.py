@@ -1,11 +1,14 @@
 """What a fork does to the template, on copies of the repository: edit trainer/task.py only, or
 delete trainer/extras/; each copy then trains the default config from its own root."""
 
+import ast
 import json
 import os
 import shutil
 import subprocess
 import sys
+import textwrap
+from pathlib import Path
 
 import pytest
 import testutil
@@ -13,24 +16,15 @@ from tensorboard.backend.event_processing import event_accumulator
 
 from trainer import metrics
 
-# Appended to the copy's trainer/task.py: the docstring's example, as a fork would paste it.
-TASK_EDIT = """
 
-def per_example_loss(labels, logits):
-    logits = tf.cast(logits, tf.float32)
-    targets = tf.one_hot(labels, tf.shape(logits)[-1])
-    return keras.losses.categorical_crossentropy(
-        targets, logits, from_logits=True, label_smoothing=0.1
-    )
+def _documented_task_edit() -> str:
+    """The example in trainer/task.py's docstring (a top-2 accuracy and label smoothing 0.1),
+    as a fork would paste it at the end of that file: the test runs what the docs show."""
+    source = (Path(testutil.REPO) / "trainer" / "task.py").read_text()
+    example = ast.get_docstring(ast.parse(source)).split("label smoothing::\n", 1)[1]
+    return "\n\n" + textwrap.dedent(example) + "\n"  # The docstring ends with the example.
 
 
-_metrics = metrics
-
-
-def metrics(labels, logits):
-    top2 = tf.math.in_top_k(tf.cast(labels, tf.int32), tf.cast(logits, tf.float32), 2)
-    return {**_metrics(labels, logits), "top2_accuracy": tf.cast(top2, tf.float32)}
-"""
 SHORT = (  # The default config, 40 steps.
     "--config.total_steps=40",
     "--config.steps_per_loop=10",
@@ -86,8 +80,10 @@ def _tags(workdir, run: str) -> set[str]:
 @pytest.mark.slow
 def test_a_fork_that_edits_only_task_py_gets_its_metric_and_loss_everywhere(tmp_path, data_dir):
     unchanged, forked = _copy(tmp_path, "unchanged"), _copy(tmp_path, "forked")
+    edit = _documented_task_edit()
+    assert "label_smoothing=0.1" in edit and '"top2_accuracy"' in edit
     with open(forked / "trainer" / "task.py", "a") as f:
-        f.write(TASK_EDIT)
+        f.write(edit)
     _run(unchanged, tmp_path / "unchanged_run", data_dir=data_dir)
     workdir = tmp_path / "forked_run"
     _run(

@@ -191,8 +191,11 @@ def test_suggestions_follow_the_cause():
         (325, "cosine decay, 50% through"),
     ],
 )
-def test_describe_phase(step, phase):
-    assert health.describe_phase(step, 50, 600, "cosine") == phase
+def test_the_schedule_describes_the_phase_for_the_advice(step, phase):
+    schedule = learning_rate.WarmupDecaySchedule(
+        peak_lr=0.1, total_steps=600, warmup_steps=50, decay_kind="cosine"
+    )
+    assert schedule.phase(step) == phase
 
 
 def test_spike_guard_decides_like_the_rule():

@@ -32,6 +32,7 @@ PROJECT = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
 # One constraints/tf<minor>-cpu.txt per supported TensorFlow minor; the CI tests each of them.
 CPU_SETS = {"2.20": CONSTRAINTS / "tf2.20-cpu.txt", "2.21": CONSTRAINTS / "tf2.21-cpu.txt"}
 TPU_SET = CONSTRAINTS / "tf2.20-tpu.txt"
+GPU_SET = CONSTRAINTS / "tf2.21-gpu.txt"
 # libtpu releases that export all 220 libtpu functions tensorflow-tpu 2.20.0 looks up (checked
 # with `nm -D` on the PyPI wheels): 0.0.14 to 0.0.31. 0.0.32.1-0.0.40 lack one, 0.0.43.2 and
 # newer lack 124-142, yet all satisfy tensorflow-tpu's own `libtpu~=0.0.14`.
@@ -218,16 +219,35 @@ def _assert_supported(resolved: dict[str, Version], tensorflow: str, minor: str)
             assert requirement.specifier.contains(resolved[name]), f"{name} {resolved[name]}"
 
 
+def test_gpu_set_pins_the_cuda_wheels_tensorflow_2_21_asks_for():
+    """Every NVIDIA wheel of `tensorflow[and-cuda]` is pinned, at the floor TF 2.21.0 declares
+    (its build's CUDA 12.5 / cuDNN 9.3), and the rest is the CPU-tested set."""
+    lines = GPU_SET.read_text().splitlines()
+    assert "-c tf2.21-cpu.txt" in lines
+    pins = _pins(GPU_SET)
+    assert set(pins) >= CUDA_WHEELS and all(name.startswith("nvidia-") for name in pins)
+    if metadata.version("tensorflow").startswith("2.21."):  # The TF whose metadata says so.
+        floors = {}
+        for line in metadata.requires("tensorflow"):
+            requirement = Requirement(line)
+            if requirement.marker and "and-cuda" in str(requirement.marker):
+                (floor,) = [s for s in requirement.specifier if s.operator == ">="]
+                floors[canonicalize_name(requirement.name)] = Version(floor.version)
+        assert pins == floors
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(1800)
-def test_gpu_install_resolves(index, tmp_path):
-    """`pip install -e '.[gpu]'`, as README says: the newest supported TF with its CUDA wheels.
+def test_gpu_install_resolves_to_the_pinned_cuda_wheels(index, tmp_path):
+    """`pip install -e '.[gpu]' -c constraints/tf2.21-gpu.txt`, as README says: TF 2.21 with
+    the CUDA/cuDNN wheels it was tested with, not the newest ones.
 
     Only the documented combination: resolving `.[gpu]` again under the TF 2.20 set cost CI
     80 s and covers an install nobody is told to run."""
-    resolved = _resolve(tmp_path, ".[gpu]")
+    resolved = _resolve(tmp_path, ".[gpu]", "-c", str(GPU_SET.relative_to(REPO)))
     _assert_supported(resolved, "tensorflow", "2.21")
-    assert CUDA_WHEELS <= set(resolved), f"no CUDA wheels: {sorted(resolved)}"
+    pins = _pins(GPU_SET)
+    assert {name: resolved.get(name) for name in pins} == pins
 
 
 @pytest.mark.slow

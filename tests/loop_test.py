@@ -54,7 +54,7 @@ def _build(
         base = learning_rate.WarmupDecaySchedule(
             peak_lr=0.4, total_steps=100, warmup_steps=warmup_steps, decay_kind="cosine"
         )
-        schedule = learning_rate.controlled_schedule(base, default_config.get_config().lr)
+        schedule = learning_rate.controlled_schedule(base)
         optimizer = keras.optimizers.SGD(schedule, momentum=momentum)
         optimizer.build(model.trainable_variables)
     train_loop = loop.make_train_loop(
@@ -117,7 +117,11 @@ def test_logged_lr_is_the_applied_lr(path, expected_lr, num_replicas):
     lr_config = default_config.get_config().lr
     lr_config.plateau_metric = "eval_loss"
     lr_config.plateau_patience = 2
-    controller = lr_control.LRController(config=lr_config, milestone_steps=(), schedule=schedule)
+    with strategy.scope():
+        controller_state = lr_control.ControllerState(lr_config.plateau_mode)
+    controller = lr_control.LRController(
+        config=lr_config, milestone_steps=(), schedule=schedule, state=controller_state
+    )
     _apply_change(path, controller)
     split = _split()
     images, labels = _global_batch(split, 0)

@@ -46,18 +46,35 @@ def _lr_config(**fields):
     return config
 
 
+class _States:
+    """The schedule's `LRState` and the controller's `ControllerState`, read as one (the tests
+    look at both after each decision) and checkpointed as the trainer does, under two names."""
+
+    def __init__(self, lr_state, controller_state):
+        self.lr_state, self.lr_control = lr_state, controller_state
+
+    def __getattr__(self, name):
+        for part in ("lr_state", "lr_control"):
+            if part in self.__dict__ and hasattr(self.__dict__[part], name):
+                return getattr(self.__dict__[part], name)
+        raise AttributeError(name)
+
+
 def _build(config, base_kwargs, milestone_steps=(), strategy=None):
     """A fresh state, schedule and controller, as train.py builds them."""
     strategy = strategy or tf.distribute.get_strategy()
     with strategy.scope():
         schedule = learning_rate.controlled_schedule(
-            learning_rate.WarmupDecaySchedule(**base_kwargs), config
+            learning_rate.WarmupDecaySchedule(**base_kwargs)
         )
-    state = schedule.state
+        controller_state = lr_control.ControllerState(config.plateau_mode)
     controller = lr_control.LRController(
-        config=config, milestone_steps=tuple(milestone_steps), schedule=schedule
+        config=config,
+        milestone_steps=tuple(milestone_steps),
+        schedule=schedule,
+        state=controller_state,
     )
-    return state, schedule, controller
+    return _States(schedule.state, controller_state), schedule, controller
 
 
 def _multiplier(state):
@@ -401,11 +418,15 @@ def test_restore_gives_identical_decisions(tmp_path, restore_replicas):
     saved = _variables(state)
     assert saved["milestones_done"] == 1 and saved["plateau_wait"] > 0
     assert saved["multiplier"] < 0.5  # A milestone and at least one plateau reduction.
-    path = tf.train.Checkpoint(lr_state=state).write(str(tmp_path / "ckpt"))
+    path = tf.train.Checkpoint(lr_state=state.lr_state, lr_control=state.lr_control).write(
+        str(tmp_path / "ckpt")
+    )
 
     strategy = testutil.mirrored(2) if restore_replicas == 2 else None
     restored_state, _, restored = _build(config, COSINE, RESTORE_MILESTONES, strategy)
-    tf.train.Checkpoint(lr_state=restored_state).read(path).assert_consumed()
+    tf.train.Checkpoint(
+        lr_state=restored_state.lr_state, lr_control=restored_state.lr_control
+    ).read(path).assert_consumed()
     assert _variables(restored_state) == saved
     fresh_state, _, fresh = _build(config, COSINE, RESTORE_MILESTONES)
 

@@ -52,7 +52,7 @@ def _controlled(peak: float = 0.1):
     """A constant LR under LR control: `state.multiplier` is what milestones/plateau/overrides
     change between inner loops."""
     base = WarmupDecaySchedule(peak_lr=peak, total_steps=100)
-    return learning_rate.controlled_schedule(base, default_config.get_config().lr)
+    return learning_rate.controlled_schedule(base)
 
 
 # --- building by name -------------------------------------------------------------------------

@@ -14,7 +14,7 @@ import os
 import shutil
 from collections.abc import Callable, Mapping
 
-GPU_INSTALL = "pip install -e '.[gpu]'"
+GPU_INSTALL = "pip install -e '.[gpu]' -c constraints/tf2.21-gpu.txt"
 TPU_INSTALL = "pip install -r constraints/tf2.20-tpu.txt && pip install --no-deps -e ."
 
 

@@ -237,6 +237,17 @@ class WarmupDecaySchedule(keras.optimizers.schedules.LearningRateSchedule):
             return peak * tf.sqrt(max(warmup, 1.0) / tf.maximum(u, max(warmup, 1.0)))
         return tf.maximum(floor, peak * tf.pow(self.decay_rate, (u - warmup) / self.decay_steps))
 
+    def phase(self, update: int) -> str:
+        """Where update number `update` (1-based, on this schedule's axis) is, in words: for
+        advice that depends on it (health events)."""
+        if update <= self.warmup_steps:
+            return f"warmup step {update} of {self.warmup_steps}"
+        after = update - self.warmup_steps
+        if self.decay_kind == "constant" or after <= max(self.total_steps // 20, 1):
+            return f"at the peak, {after} steps after warmup ended"
+        done = 100 * after / max(self.total_steps - self.warmup_steps, 1)
+        return f"{self.decay_kind} decay, {done:.0f}% through"
+
     def get_config(self) -> dict:
         """Returns the constructor arguments, so checkpointed optimizers rebuild the schedule."""
         return {
@@ -292,6 +303,26 @@ def base_schedule(plan, lr: ml_collections.ConfigDict) -> WarmupDecaySchedule:
     )
 
 
+def compress(lr: ml_collections.ConfigDict, plan, total_steps: int) -> None:
+    """Fits `lr` (a copy of the `lr` fields of the run `plan` describes) into a run of
+    `total_steps` updates, for a short trial of the same schedule (lr_sweep).
+
+    The warmup keeps its length in updates; the decay after it shrinks by (total_steps -
+    warmup) / (planned total - warmup): cosine, linear and polynomial by ending at the new
+    total_steps, piecewise boundaries and exponential decay_steps by this factor.
+    """
+    warmup = plan.warmup_steps
+    shrink = (total_steps - warmup) / max(plan.total_steps - warmup, 1)
+    lr.warmup_steps = warmup
+    lr.warmup_epochs = None
+    if lr.decay == "piecewise":
+        lr.boundaries_unit = "steps"
+        lr.boundaries = tuple(
+            warmup + max(1, round((b - warmup) * shrink)) for b in plan.boundaries
+        )
+    lr.decay_steps = max(1, round(lr.decay_steps * shrink))
+
+
 def planned_curve(plan, lr: ml_collections.ConfigDict) -> list[float]:
     """The base schedule's LR for updates 1..total_steps (without mid-run changes), for plots."""
     values = base_schedule(plan, lr)(np.arange(plan.total_steps))
@@ -307,22 +338,14 @@ class LRState(tf.Module):
       `examples_seen` after every restore, never trusted from a checkpoint of another plan.
     floor: the schedule is read at no earlier step than this; a `set` during warmup moves it to
       the warmup's end, so the LR holds the value set instead of ramping on past it.
-    The rest is the controller's (lr_control.py): plateau tracking and milestones applied.
+    What decides the changes keeps its own state (extras/lr_control.py: plateau, milestones).
     """
 
-    def __init__(self, plateau_mode: str):
+    def __init__(self):
         super().__init__(name="lr_state")
         self.multiplier = tf.Variable(1.0, trainable=False, name="multiplier")
         self.step_offset = tf.Variable(0, dtype=tf.int64, trainable=False, name="step_offset")
         self.floor = tf.Variable(0, dtype=tf.int64, trainable=False, name="floor")
-        initial_best = float("inf") if plateau_mode == "min" else float("-inf")
-        # float64: a float32 best rounds e.g. 0.3 up, so an equal metric would count as better.
-        self.plateau_best = tf.Variable(
-            initial_best, dtype=tf.float64, trainable=False, name="plateau_best"
-        )
-        self.plateau_wait = tf.Variable(0, dtype=tf.int64, trainable=False, name="plateau_wait")
-        self.plateau_cooldown = tf.Variable(0, dtype=tf.int64, trainable=False, name="cooldown")
-        self.milestones_done = tf.Variable(0, dtype=tf.int64, trainable=False, name="milestones")
 
 
 class ControlledSchedule(keras.optimizers.schedules.LearningRateSchedule):
@@ -392,7 +415,6 @@ class ControlledSchedule(keras.optimizers.schedules.LearningRateSchedule):
         return {"base": keras.saving.serialize_keras_object(self.base)}
 
 
-def controlled_schedule(base: WarmupDecaySchedule, lr: ml_collections.ConfigDict):
+def controlled_schedule(base: WarmupDecaySchedule) -> ControlledSchedule:
     """The schedule to build the optimizer with, and its fresh state (under `strategy.scope()`)."""
-    state = LRState(lr.plateau_mode)
-    return ControlledSchedule(base, state)
+    return ControlledSchedule(base, LRState())

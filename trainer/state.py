@@ -22,6 +22,7 @@ class TrainState:
     examples_seen: tf.Variable  # The input position: the stream resumes exactly here.
     guard: loop.SpikeGuard  # The running loss/gradient-norm statistics a skip decision reads.
     ema: object | None  # The averaged weights (extras.ema.WeightEMA; ema_decay > 0), else None.
+    lr_control: object | None  # extras.lr_control.ControllerState; None without that extra.
     loss_scale: precision.LossScale | None  # mixed_float16's dynamic loss scale, else None.
     checkpoint: tf.train.Checkpoint
 
@@ -58,7 +59,11 @@ def build_state(
             model = models.build_model(
                 config.model, setup.input_shape, setup.num_classes, seed=config.seed
             )
-        schedule = learning_rate.controlled_schedule(base_schedule or setup.schedule, config.lr)
+        schedule = learning_rate.controlled_schedule(base_schedule or setup.schedule)
+        # Whenever the extra exists, used or not: the checkpoint's shape stays the same when
+        # milestones or reduce-on-plateau are turned on or off on resume.
+        lr_control = features.load("lr_control")
+        controller = lr_control.ControllerState(config.lr.plateau_mode) if lr_control else None
         optimizer = optimizers.build_optimizer(
             config.optimizer, schedule, model.trainable_variables
         )
@@ -81,10 +86,13 @@ def build_state(
         examples_seen=examples_seen,
         rng=checkpointing.seed_generator_states(model),
         health=guard,
+        **({} if controller is None else {"lr_control": controller}),
         **({} if ema is None else {"ema": ema.checkpointed}),
         **({} if loss_scale is None else {"loss_scale": loss_scale}),
     )
-    return TrainState(model, optimizer, schedule, examples_seen, guard, ema, loss_scale, checkpoint)
+    return TrainState(
+        model, optimizer, schedule, examples_seen, guard, ema, controller, loss_scale, checkpoint
+    )
 
 
 def manifest(setup: Setup, state: TrainState) -> checkpointing.Manifest:

@@ -12,7 +12,6 @@ from contextlib import nullcontext
 import ml_collections
 import tensorflow as tf
 
-from trainer import actions as actions_lib
 from trainer import (
     export,
     features,
@@ -26,7 +25,7 @@ from trainer import (
     workdir_lock,
 )
 from trainer import setup as setup_lib
-from trainer.actions import Actions, LoopResult, Phase
+from trainer.actions import Action, Actions, LoopResult, Phase, load_user_action
 from trainer.health import monitoring
 from trainer.run import Run
 
@@ -73,7 +72,7 @@ def build_actions(run: Run) -> Actions:
     (the user's own) run last.
     """
     config = run.config
-    order: list[actions_lib.Action] = [
+    order: list[Action] = [
         records.StepRecords(),
         monitoring.HealthMonitor(run),
         recovery.NonFiniteRecovery.from_run(run),
@@ -88,7 +87,7 @@ def build_actions(run: Run) -> Actions:
     if profiling := features.if_asked("profiling", config):
         order.append(profiling.StepProfiler.from_run(run))
     order.append(watchdog.WatchdogAction.from_run(run))
-    order.extend(actions_lib.load_user_action(entry, run) for entry in config.actions)
+    order.extend(load_user_action(entry, run) for entry in config.actions)
     order.append(lr_override.OverrideAction())  # Last: the final word on the LR (contract 4).
     return Actions(order)
 

@@ -1,11 +1,14 @@
 """Decides mid-run LR changes: milestones and reduce-on-plateau (and applies manual overrides).
 
-Every decision changes `learning_rate.LRState` (checkpointed) between inner loops and returns a
-one-line event for the logs; the optimizer's schedule reads that state inside the next update.
+Every decision changes the LR through the optimizer's schedule (`ControlledSchedule.scale` /
+`set`, which write the checkpointed `learning_rate.LRState`) between inner loops and returns a
+one-line event for the logs. What the decisions remember (plateau tracking, milestones applied)
+is this module's own `ControllerState`, also checkpointed.
 `LRControlAction` runs the controller at the outer loop's boundaries (trainer/actions.py).
 """
 
 import ml_collections
+import tensorflow as tf
 
 from trainer import learning_rate, lr_override
 from trainer.actions import Action, LoopResult
@@ -22,6 +25,26 @@ def check_plateau_metric(lr: ml_collections.ConfigDict, eval_names: tuple[str, .
         )
 
 
+class ControllerState(tf.Module):
+    """The controller's checkpointed variables. Create under `strategy.scope()`.
+
+    In every checkpoint of a copy that has this module (state.build_state), whether or not the
+    config uses LR control, so turning milestones or reduce-on-plateau on or off on resume keeps
+    the checkpoint's shape.
+    """
+
+    def __init__(self, plateau_mode: str):
+        super().__init__(name="lr_control")
+        initial_best = float("inf") if plateau_mode == "min" else float("-inf")
+        # float64: a float32 best rounds e.g. 0.3 up, so an equal metric would count as better.
+        self.plateau_best = tf.Variable(
+            initial_best, dtype=tf.float64, trainable=False, name="plateau_best"
+        )
+        self.plateau_wait = tf.Variable(0, dtype=tf.int64, trainable=False, name="plateau_wait")
+        self.plateau_cooldown = tf.Variable(0, dtype=tf.int64, trainable=False, name="cooldown")
+        self.milestones_done = tf.Variable(0, dtype=tf.int64, trainable=False, name="milestones")
+
+
 class LRController:
     """Decides multiplier changes at loop boundaries (host side, cheap: a few scalar reads)."""
 
@@ -31,11 +54,12 @@ class LRController:
         config: ml_collections.ConfigDict,
         milestone_steps: tuple[int, ...],
         schedule: learning_rate.ControlledSchedule,
+        state: ControllerState,
     ):
         self._config = config
         self._milestone_steps = milestone_steps
         self._schedule = schedule
-        self._state = schedule.state
+        self._state = state
 
     def lr_at(self, step: int) -> float:
         """The LR the update after `step` applied updates will use."""
@@ -54,7 +78,7 @@ class LRController:
 
     def on_loop_end(self, step: int) -> list[str]:
         """Applies every milestone reached after `step` updates (milestones are plan steps)."""
-        plan_step = step + int(self._state.step_offset.numpy())
+        plan_step = step + int(self._schedule.state.step_offset.numpy())
         events = []
         while (milestone := self.next_milestone()) is not None and plan_step >= milestone:
             index = int(self._state.milestones_done.numpy())
@@ -120,7 +144,10 @@ class LRControlAction(Action):
     def from_run(cls, run) -> "LRControlAction":
         return cls(
             LRController(
-                config=run.config.lr, milestone_steps=run.plan.milestones, schedule=run.schedule
+                config=run.config.lr,
+                milestone_steps=run.plan.milestones,
+                schedule=run.schedule,
+                state=run.state.lr_control,
             )
         )
 

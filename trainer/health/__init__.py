@@ -308,17 +308,6 @@ class Event:
         return {"health": self.kind, "message": self.message, "learning_rate": self.learning_rate}
 
 
-def describe_phase(plan_step: int, warmup_steps: int, total_steps: int, decay: str) -> str:
-    """Where update `plan_step` (1-based) is in the plan: warmup, peak or decay."""
-    if plan_step <= warmup_steps:
-        return f"warmup step {plan_step} of {warmup_steps}"
-    after = plan_step - warmup_steps
-    if decay == "constant" or after <= max(total_steps // 20, 1):
-        return f"at the peak, {after} steps after warmup ended"
-    done = 100 * after / max(total_steps - warmup_steps, 1)
-    return f"{decay} decay, {done:.0f}% through"
-
-
 def _suggestion(kind: str, phase: str, by_ratio: bool) -> str:
     """What to change, from the kind, where in the plan, and whether the update ratio said it."""
     early = phase.startswith(("warmup", "at the peak"))

@@ -20,15 +20,12 @@ class HealthMonitor(Action):
         Read from health_steps.jsonl, which every worker can see (a non-chief one may read
         before the chief truncated it on resume, hence the filter), so all workers decide alike.
         """
-        plan, config = run.plan, run.config
         offset = run.plan_step - run.step
 
-        def phase(step: int) -> str:
-            return health.describe_phase(
-                step + offset, plan.warmup_steps, plan.total_steps, config.lr.decay
-            )
+        def phase(step: int) -> str:  # Asked of the schedule, which knows its kinds.
+            return run.setup.schedule.phase(step + offset)
 
-        monitor = health.Monitor(health.Rules.from_config(config.health), phase)
+        monitor = health.Monitor(health.Rules.from_config(run.config.health), phase)
         history = metrics.read_steps(run.workdir)
         upto = history["step"] <= run.step
         monitor.replay({name: values[upto] for name, values in history.items()})

@@ -108,22 +108,11 @@ def trial_config(
     exported and no best checkpoint is kept.
     """
     trial = ml_collections.ConfigDict(config.to_dict())
-    warmup = plan.warmup_steps
-    # The decay phase, after the warmup, shrinks: as cosine, linear and polynomial do by ending
-    # at the trial's total_steps, so do piecewise boundaries and exponential decay_steps.
-    shrink = (trial_steps - warmup) / max(plan.total_steps - warmup, 1)
     trial.lr.base = base_lr
     trial.total_steps = trial_steps
     trial.total_epochs = None
     trial.total_examples = None
-    trial.lr.warmup_steps = warmup
-    trial.lr.warmup_epochs = None
-    if trial.lr.decay == "piecewise":
-        trial.lr.boundaries_unit = "steps"
-        trial.lr.boundaries = tuple(
-            warmup + max(1, round((b - warmup) * shrink)) for b in plan.boundaries
-        )
-    trial.lr.decay_steps = max(1, round(config.lr.decay_steps * shrink))
+    learning_rate.compress(trial.lr, plan, trial_steps)  # The schedule knows its own kinds.
     trial.checkpoint_every_steps = min(config.checkpoint_every_steps, trial_steps)
     trial.lr.milestones = ()
     trial.lr.milestone_values = ()
