@@ -73,7 +73,7 @@ def test_same_seed_gives_same_weights_after_keras_seeding():
 
 def test_unknown_model_lists_the_names():
     with pytest.raises(ValueError) as error:
-        models.build_model(_model_config("vgg"), (8, 8, 1), 10, seed=0)
+        models.check_config(_model_config("vgg"))
     message = str(error.value)
     assert "'vgg'" in message
     for name in ("mlp", "small_cnn", "resnet_cifar", "resnet50"):

@@ -85,8 +85,9 @@ class MetricWriter:
     batch changed on resume. A failed write (e.g. a full disk) is one `MetricsWriteError` line.
 
     TensorBoard gets three runs: `train/` and `eval/` use the same tag names (`metrics/loss`,
-    `metrics/NAME` for each of `task_metrics`), so their curves overlay; the top-level run holds the plan, the config
-    and the planned LR under the applied LR's tag (`lr/learning_rate`), so those overlay too.
+    `metrics/NAME` for each of `task_metrics`), so their curves overlay; the top-level run
+    holds the plan, the config and the planned LR under the applied LR's tag
+    (`lr/learning_rate`), so those overlay too.
     Tags are grouped by prefix and each carries a description (`TAGS`). The per-update signals
     (`write_steps`) go to `health_steps.jsonl` and, at every step, to the train run.
     """
