@@ -413,7 +413,7 @@ def test_float16_overflow_skips_exactly_the_overflowing_updates_everywhere(num_r
 
 def test_float16_with_its_loss_scale_trains_like_float32():
     """The stand-in for the default-config float16 accuracy run, which a CPU cannot afford
-    (float16 is emulated: ~160x float32 per update, benchmarks/RESULTS.md): on 2 replicas, 60
+    (float16 is emulated: 150x to 400x float32 per update, benchmarks/RESULTS.md): on 2 replicas, 60
     updates of mixed_float16 at the default initial scale (2^15, nothing overflows) follow the
     float32 losses within float16 round-off, so scaling and unscaling cost no accuracy."""
     strategy = testutil.mirrored(2)

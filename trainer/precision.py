@@ -44,8 +44,8 @@ def choose(
     if requested == "mixed_float16" and device_kind == "CPU":  # Said, not refused: tests use it.
         return Precision(
             requested,
-            "set in the config; TF's CPU kernels have no fast float16 path: updates run ~160x "
-            "slower than float32 (benchmarks/RESULTS.md)",
+            "set in the config; TF's CPU kernels have no fast float16 path: updates run 150x to "
+            "400x slower than float32 (measured, benchmarks/RESULTS.md)",
         )
     if requested != "auto":
         return Precision(requested, "set in the config")
