@@ -51,6 +51,7 @@ def _fake_run(tmp_path, **fields):
         workdir=str(tmp_path),
         num_classes=10,
         schedule=types.SimpleNamespace(state=None),
+        state=types.SimpleNamespace(lr_control=None),
         topology=types.SimpleNamespace(is_chief=True, num_workers=1, worker_index=0),
     )
 
