@@ -37,6 +37,7 @@ from collections.abc import Iterator
 import numpy as np
 
 from trainer.errors import ConfigError
+from trainer.loop import SIGNALS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,14 +84,10 @@ class LoopResult:
     events: list = dataclasses.field(default_factory=list)
 
     def column(self, name: str) -> np.ndarray:
-        from trainer.loop import SIGNALS  # Here: `loop` imports TensorFlow, this module needs not.
-
         return self.steps[:, SIGNALS.index(name)]
 
     def columns(self) -> dict[str, np.ndarray]:
         """Named columns with the update numbers, as `metrics.read_steps` returns them."""
-        from trainer.loop import SIGNALS
-
         return {
             "step": np.arange(self.first_step, self.first_step + len(self.steps)),
             **{name: self.steps[:, i] for i, name in enumerate(SIGNALS)},
